@@ -1,0 +1,77 @@
+"""Turn tokenized examples into padded MLX batches with explicit response masks."""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+# (token ids, index of the first response token); an example is one
+# sequence (SFT) or two (chosen, rejected).
+Seq = tuple[list[int], int]
+Example = tuple[Seq, ...]
+
+
+def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 1) -> dict[str, mx.array]:
+    """Stack the k-th sequence of every example into rows ``k*B .. k*B+B-1``.
+
+    For pairs that puts all chosen rows first, then all rejected rows, so one
+    forward pass covers both and the halves split cleanly. ``mask[r, j]`` is 1
+    where target ``tokens[r, j+1]`` is a response token; padding (whatever its
+    id) is never counted. ``lengths`` holds each row's real token count.
+    """
+    seqs = [ex[k] for k in range(len(examples[0])) for ex in examples]
+    longest = max(len(toks) for toks, _ in seqs)
+    width = -(-longest // pad_multiple) * pad_multiple
+    tokens = np.full((len(seqs), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(seqs), width - 1), dtype=np.float32)
+    for r, (toks, start) in enumerate(seqs):
+        tokens[r, : len(toks)] = toks
+        mask[r, max(start, 1) - 1 : len(toks) - 1] = 1.0
+    lengths = np.array([len(toks) for toks, _ in seqs], dtype=np.int32)
+    return {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths)}
+
+
+def length_groups(dataset: Sequence[Example], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Batches of example indices, grouped by length so padding stays small.
+
+    With ``world`` processes each rank takes every ``world``-th example of a
+    global batch, so the ranks together see exactly the single-process batch.
+    """
+    if len(dataset) < batch_size:
+        raise ValueError(
+            f"The dataset has {len(dataset)} examples, fewer than batch_size={batch_size}."
+        )
+    if batch_size % world != 0:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world}).")
+    order = sorted(range(len(dataset)), key=lambda i: max(len(s[0]) for s in dataset[i]))
+    return [
+        order[i + rank : i + batch_size : world]
+        for i in range(0, len(order) - batch_size + 1, batch_size)
+    ]
+
+
+def iterate_batches(
+    dataset: Sequence[Example],
+    batch_size: int,
+    loop: bool = False,
+    seed: int = 0,
+    pad_id: int = 0,
+    pad_multiple: int = 1,
+    comm_group: Optional[mx.distributed.Group] = None,
+    shuffle: bool = True,
+) -> Iterator[dict[str, mx.array]]:
+    """Yield padded batches; each epoch visits the length groups in a fresh seeded order."""
+    rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+    groups = length_groups(dataset, batch_size, rank, world)
+    epoch = 0
+    while True:
+        order = np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle else range(len(groups))
+        for g in order:
+            batch = pad_batch([dataset[i] for i in groups[g]], pad_id, pad_multiple)
+            batch["index"] = mx.array(np.asarray(groups[g], dtype=np.int32))
+            yield batch
+        epoch += 1
+        if not loop:
+            return
