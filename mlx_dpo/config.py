@@ -1,0 +1,177 @@
+"""Configuration: mlx-lm's LoRA keys plus the preference keys, merged and checked.
+
+Precedence is defaults < YAML file < command-line flags. Every problem is a
+one-line ``ConfigError`` naming the key (and, for a misspelling, the closest
+valid key), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import types
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+from mlx_lm.lora import CONFIG_DEFAULTS as MLX_LM_DEFAULTS
+from mlx_lm.lora import build_parser as mlx_lm_parser
+from mlx_lm.lora import yaml_loader  # SafeLoader that also reads 1e-5 as a float
+
+LOSS_TYPES = ("sft", "dpo")
+
+DEFAULTS: dict[str, Any] = {
+    **MLX_LM_DEFAULTS,
+    # Keys mlx-lm reads with getattr and documents, but has no default for.
+    "hf_dataset": None,
+    "prompt_feature": None,
+    "completion_feature": None,
+    "chat_feature": None,
+    "text_feature": None,
+    # Preference optimisation.
+    "loss_type": "dpo",
+    "beta": 0.1,
+    "label_smoothing": 0.0,
+    "reference_model": None,
+    "compile": True,
+    "build_demo_if_missing": False,
+}
+
+LORA_PARAMETER_KEYS = {"rank", "scale", "dropout", "keys"}
+LR_SCHEDULE_KEYS = {"name", "arguments", "warmup", "warmup_init"}
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line meant for the user."""
+
+
+def _closest(key: str, valid: Any) -> str:
+    hit = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean '{hit[0]}'?)" if hit else ""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+# key -> (check, what a valid value looks like)
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, str) and v != "", "a hub id or a local path"),
+    "data": (lambda v: isinstance(v, str) and v != "", "a folder or a hub dataset id"),
+    "train": (lambda v: isinstance(v, bool), "true or false"),
+    "test": (lambda v: isinstance(v, bool), "true or false"),
+    "fine_tune_type": (lambda v: v in ("lora", "dora", "full"), "one of lora, dora, full"),
+    "optimizer": (lambda v: v in ("adam", "adamw", "muon", "sgd", "adafactor"), "one of adam, adamw, muon, sgd, adafactor"),
+    "optimizer_config": (lambda v: isinstance(v, dict), "a mapping of optimizer name to its arguments"),
+    "seed": (_is_int, "an integer"),
+    "num_layers": (lambda v: _is_int(v) and (v == -1 or v > 0), "a positive integer or -1 for all"),
+    "batch_size": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "iters": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "val_batches": (lambda v: _is_int(v) and (v == -1 or v >= 0), "a non-negative integer or -1 for all"),
+    "test_batches": (lambda v: _is_int(v) and (v == -1 or v >= 0), "a non-negative integer or -1 for all"),
+    "learning_rate": (lambda v: _is_num(v) and v > 0, "a positive number"),
+    "steps_per_report": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "steps_per_eval": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "save_every": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "resume_adapter_file": (_opt(lambda v: isinstance(v, str)), "a path to an adapters .safetensors file"),
+    "adapter_path": (lambda v: isinstance(v, str) and v != "", "a folder path"),
+    "max_seq_length": (lambda v: _is_int(v) and v > 1, "an integer > 1"),
+    "grad_checkpoint": (lambda v: isinstance(v, bool), "true or false"),
+    "grad_accumulation_steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "clear_cache_threshold": (lambda v: _is_int(v) and v >= 0, "a size in bytes"),
+    "lr_schedule": (_opt(lambda v: isinstance(v, dict)), "a mapping with name and arguments"),
+    "lora_parameters": (lambda v: isinstance(v, dict), "a mapping with rank, scale, dropout"),
+    "mask_prompt": (lambda v: isinstance(v, bool), "true or false"),
+    "report_to": (_opt(lambda v: isinstance(v, str)), "e.g. wandb"),
+    "project_name": (_opt(lambda v: isinstance(v, str)), "a name"),
+    "trust_remote_code": (lambda v: isinstance(v, bool), "true or false"),
+    "config": (_opt(lambda v: isinstance(v, str)), "a path"),
+    "hf_dataset": (_opt(lambda v: isinstance(v, (dict, list))), "a mapping or a list of mappings"),
+    "loss_type": (lambda v: v in LOSS_TYPES, "one of " + ", ".join(LOSS_TYPES)),
+    "beta": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
+    "reference_model": (_opt(lambda v: isinstance(v, str) and v != ""), "a hub id or a local path"),
+    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "build_demo_if_missing": (lambda v: isinstance(v, bool), "true or false"),
+}
+for _k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature"):
+    RULES[_k] = (_opt(lambda v: isinstance(v, str)), "a field name")
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Raise ``ConfigError`` for the first unknown key, wrong type or out-of-range value."""
+    for key, value in cfg.items():
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown config key '{key}'{_closest(key, DEFAULTS)}")
+        check, want = RULES.get(key, (lambda v: True, ""))
+        if not check(value):
+            raise ConfigError(f"invalid value for '{key}': {value!r} (expected {want})")
+    lora = cfg.get("lora_parameters") or {}
+    for key, value in lora.items():
+        if key not in LORA_PARAMETER_KEYS:
+            hint = " (mlx-lm uses 'scale', the multiplier itself, not 'alpha')" if key == "alpha" else _closest(key, LORA_PARAMETER_KEYS)
+            raise ConfigError(f"unknown key 'lora_parameters.{key}'{hint}")
+    for key, check, want in (
+        ("rank", lambda v: _is_int(v) and v > 0, "a positive integer"),
+        ("scale", _is_num, "a number"),
+        ("dropout", lambda v: _is_num(v) and 0 <= v < 1, "a number in [0, 1)"),
+        ("keys", lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v), "a list of layer names"),
+    ):
+        if key in lora and not check(lora[key]):
+            raise ConfigError(f"invalid value for 'lora_parameters.{key}': {lora[key]!r} (expected {want})")
+    for key in cfg.get("lr_schedule") or {}:
+        if key not in LR_SCHEDULE_KEYS:
+            raise ConfigError(f"unknown key 'lr_schedule.{key}'{_closest(key, LR_SCHEDULE_KEYS)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """mlx-lm's LoRA flags, plus the preference ones; every default is None so the file wins."""
+    parser = mlx_lm_parser()
+    parser.description = "LoRA, DoRA or full fine-tuning with DPO or SFT in MLX."
+    parser.add_argument("--loss-type", type=str, choices=LOSS_TYPES, help="Training objective (default: dpo).")
+    parser.add_argument("--beta", type=float, help="DPO temperature β (default: 0.1).")
+    parser.add_argument("--label-smoothing", type=float, help="Conservative DPO ε in [0, 0.5) (default: 0).")
+    parser.add_argument("--reference-model", type=str, help="Separate frozen reference model (default: the policy without adapters).")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="Do not mx.compile the training step.")
+    parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
+    return parser
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.load(f, yaml_loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def load_config(argv: Optional[list[str]] = None, overrides: Optional[dict] = None) -> types.SimpleNamespace:
+    """Parse flags, read the YAML they name, merge over the defaults and validate."""
+    flags = vars(build_parser().parse_args(argv))
+    cfg: dict[str, Any] = {}
+    if flags.get("config"):
+        cfg.update(read_yaml(flags["config"]))
+        validate(cfg)  # before defaults hide a misspelt key
+    cfg.update({k: v for k, v in flags.items() if v is not None})
+    cfg.update(overrides or {})
+    merged = {**DEFAULTS, **cfg}
+    if isinstance(merged.get("lora_parameters"), dict):
+        merged["lora_parameters"] = {**DEFAULTS["lora_parameters"], **merged["lora_parameters"]}
+    validate(merged)
+    return types.SimpleNamespace(**merged)

@@ -1,0 +1,194 @@
+"""``python -m mlx_dpo.lora --config dpo.yaml``: build everything and call the trainer.
+
+Mirrors ``mlx_lm.lora``: same keys, same adapter folder, same LoRA layers; the
+objective is chosen by ``loss_type``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import types
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+from . import _blas
+from .config import ConfigError, load_config
+
+import mlx.core as mx  # noqa: E402  (after the BLAS preload in mlx_dpo/__init__)
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx_lm.tuner.utils import (  # noqa: E402
+    build_schedule,
+    linear_to_lora_layers,
+    load_adapters,
+    print_trainable_parameters,
+)
+from mlx_lm.utils import load, save_config  # noqa: E402
+
+from .batching import iterate_batches  # noqa: E402
+from .data import DataError, load_datasets  # noqa: E402
+from .objectives import make_loss  # noqa: E402
+from .reference import make_reference  # noqa: E402
+from .trainer import TrainingArgs, evaluate, train  # noqa: E402
+
+OPTIMIZERS = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "muon": optim.Muon,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+}
+
+
+def rank0_print(*args) -> None:
+    if mx.distributed.init().rank() == 0:
+        print(*args, flush=True)
+
+
+def build_optimizer(args: types.SimpleNamespace) -> optim.Optimizer:
+    lr = build_schedule(args.lr_schedule) if args.lr_schedule else args.learning_rate
+    extra = (args.optimizer_config or {}).get(args.optimizer, {}) or {}
+    return OPTIMIZERS[args.optimizer](learning_rate=lr, **extra)
+
+
+def setup_trainable(model: nn.Module, args: types.SimpleNamespace) -> None:
+    """Freeze the model, then add LoRA/DoRA layers or unfreeze the last layers (as mlx-lm)."""
+    model.freeze()
+    n_layers = len(model.layers)
+    if args.num_layers > n_layers:
+        raise ConfigError(f"invalid value for 'num_layers': {args.num_layers} (the model has {n_layers} layers)")
+    if args.fine_tune_type == "full":
+        for layer in model.layers[-max(args.num_layers, 0):]:
+            layer.unfreeze()
+        args.lora_parameters = None
+    else:
+        linear_to_lora_layers(model, args.num_layers, args.lora_parameters, use_dora=args.fine_tune_type == "dora")
+    if args.resume_adapter_file is not None:
+        if not Path(args.resume_adapter_file).is_file():
+            raise ConfigError(f"resume_adapter_file not found: {args.resume_adapter_file}")
+        rank0_print(f"Loading fine-tuned weights from {args.resume_adapter_file}")
+        model.load_weights(args.resume_adapter_file, strict=False)
+    print_trainable_parameters(model)
+
+
+def load_reference(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn.Module]:
+    """The separate frozen reference model, or None to bypass the policy's adapters."""
+    if args.loss_type == "sft":
+        return None
+    path = args.reference_model
+    if path is None and args.fine_tune_type == "full":
+        rank0_print("Full fine-tuning: loading a frozen copy of the model as the reference.")
+        path = args.model
+    if path is None:
+        return None
+    rank0_print(f"Loading reference model {path}")
+    ref, _ = load(path, tokenizer_config={"trust_remote_code": args.trust_remote_code}, trust_remote_code=args.trust_remote_code)
+    ref.freeze()
+    ref.eval()
+    return ref
+
+
+def batch_iterator(tokenizer) -> partial:
+    pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return partial(iterate_batches, pad_id=pad_id)
+
+
+def write_test_metrics(metrics: dict[str, float], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(args: types.SimpleNamespace) -> dict:
+    """Load, train and/or test as ``args`` says; returns the test metrics (if tested)."""
+    np.random.seed(args.seed)
+    mx.random.seed(args.seed)
+    if not args.train and not args.test:
+        raise ConfigError("nothing to do: set 'train: true' and/or 'test: true' (or pass --train / --test)")
+
+    if args.build_demo_if_missing and not Path(args.model).exists():
+        from .toy import make_model, make_preference_data
+
+        rank0_print(f"Making the quickstart's small random model in {args.model} and its data in {args.data} (first run only).")
+        make_model(args.model, hidden_size=128, num_layers=4, num_heads=4, vocab_size=512)
+        if not Path(args.data).exists():
+            make_preference_data(args.data, n_train=256, n_valid=32, n_test=32)
+
+    rank0_print(f"Loading pretrained model {args.model}")
+    model, tokenizer = load(args.model, tokenizer_config={"trust_remote_code": args.trust_remote_code}, trust_remote_code=args.trust_remote_code)
+
+    rank0_print(f"Loading datasets from {args.data} (loss_type: {args.loss_type})")
+    splits = [s for s, on in (("train", args.train), ("valid", args.train), ("test", args.test)) if on]
+    sets = load_datasets(args.data, tokenizer, args.loss_type, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits)
+    if args.train and not sets.get("train"):
+        raise DataError(f"no training data: {args.data} has no usable train split")
+    if args.test and not sets.get("test"):
+        raise DataError(f"no test data: {args.data} has no usable test split")
+
+    batches = batch_iterator(tokenizer)
+    adapter_path = Path(args.adapter_path)
+    if args.train:
+        setup_trainable(model, args)
+        reference_model = load_reference(args, model)
+        reference = make_reference(model, reference_model) if args.loss_type != "sft" else None
+        loss_fn = make_loss(args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing)
+        adapter_path.mkdir(parents=True, exist_ok=True)
+        save_config(dict(vars(args)), adapter_path / "adapter_config.json")
+        training_args = TrainingArgs(
+            batch_size=args.batch_size,
+            iters=args.iters,
+            val_batches=args.val_batches,
+            steps_per_report=args.steps_per_report,
+            steps_per_eval=args.steps_per_eval,
+            steps_per_save=args.save_every,
+            adapter_file=str(adapter_path / "adapters.safetensors"),
+            max_seq_length=args.max_seq_length,
+            grad_checkpoint=args.grad_checkpoint,
+            grad_accumulation_steps=args.grad_accumulation_steps,
+            clear_cache_threshold=args.clear_cache_threshold,
+            seed=args.seed,
+            compile=args.compile,
+        )
+        rank0_print(f"Training with loss_type={args.loss_type} for {args.iters} iterations")
+        train(model, build_optimizer(args), loss_fn, sets["train"], sets.get("valid"), batches, training_args)
+    else:
+        reference_model = load_reference(args, model)
+        load_adapters(model, str(adapter_path))
+        reference = make_reference(model, reference_model) if args.loss_type != "sft" else None
+        loss_fn = make_loss(args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing)
+
+    if not args.test:
+        return {}
+    metrics = evaluate(model, loss_fn, sets["test"], args.batch_size, args.test_batches, batches)
+    metrics = {k: v for k, v in metrics.items() if k not in ("weight",)}
+    if args.loss_type == "sft":
+        metrics["ppl"] = math.exp(metrics["loss"])
+    metrics["num_examples" if args.loss_type == "sft" else "num_pairs"] = int(metrics.pop("count"))
+    metrics["num_tokens"] = int(metrics.pop("ntoks"))
+    rank0_print("Test: " + ", ".join(f"{k} {v:.7g}" for k, v in metrics.items()))
+    if mx.distributed.init().rank() == 0:
+        adapter_path.mkdir(parents=True, exist_ok=True)
+        write_test_metrics(metrics, adapter_path / "test_metrics.json")
+        print(f"Wrote {adapter_path / 'test_metrics.json'}")
+    return metrics
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        args = load_config(argv)
+        if line := _blas.describe():
+            rank0_print(line)
+        run(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"mlx_dpo.lora: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
