@@ -7,10 +7,7 @@ from typing import Iterator, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-# (token ids, index of the first response token); an example is one
-# sequence (SFT) or two (chosen, rejected).
-Seq = tuple[list[int], int]
-Example = tuple[Seq, ...]
+from .data import Example
 
 
 def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 1) -> dict[str, mx.array]:

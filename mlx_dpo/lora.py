@@ -22,6 +22,7 @@ import mlx.core as mx  # noqa: E402  (after the BLAS preload in mlx_dpo/__init__
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
 from mlx_lm.tuner.utils import (  # noqa: E402
     build_schedule,
     linear_to_lora_layers,
@@ -104,7 +105,7 @@ def write_test_metrics(metrics: dict[str, float], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run(args: types.SimpleNamespace) -> dict:
+def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallback] = None) -> dict:
     """Load, train and/or test as ``args`` says; returns the test metrics (if tested)."""
     np.random.seed(args.seed)
     mx.random.seed(args.seed)
@@ -124,7 +125,8 @@ def run(args: types.SimpleNamespace) -> dict:
 
     rank0_print(f"Loading datasets from {args.data} (loss_type: {args.loss_type})")
     splits = [s for s, on in (("train", args.train), ("valid", args.train), ("test", args.test)) if on]
-    sets = load_datasets(args.data, tokenizer, args.loss_type, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits)
+    features = {k: getattr(args, k) for k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature") if getattr(args, k)}
+    sets = load_datasets(args.data, tokenizer, args.loss_type, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits, **features)
     if args.train and not sets.get("train"):
         raise DataError(f"no training data: {args.data} has no usable train split")
     if args.test and not sets.get("test"):
@@ -155,7 +157,7 @@ def run(args: types.SimpleNamespace) -> dict:
             compile=args.compile,
         )
         rank0_print(f"Training with loss_type={args.loss_type} for {args.iters} iterations")
-        train(model, build_optimizer(args), loss_fn, sets["train"], sets.get("valid"), batches, training_args)
+        train(model, build_optimizer(args), loss_fn, sets["train"], sets.get("valid"), batches, training_args, training_callback)
     else:
         reference_model = load_reference(args, model)
         load_adapters(model, str(adapter_path))

@@ -1,0 +1,64 @@
+"""``python -m mlx_dpo.fuse``: merge trained adapters into the base weights.
+
+The result is a standalone Hugging Face-layout model. Fusing into a quantized
+base and re-quantizing loses most of a small adapter's effect (it rounds the
+delta away), so ``--dequantize`` writes the fused model in full precision;
+without it a warning says what is lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional
+
+from . import _blas  # noqa: F401  (BLAS preload before mlx)
+
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_unflatten  # noqa: E402
+from mlx_lm.utils import dequantize_model, load, save  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fuse trained adapters into the base model.")
+    p.add_argument("--model", required=True, help="Hub id or local path of the base model.")
+    p.add_argument("--adapter-path", default="adapters", help="Folder with adapters.safetensors and adapter_config.json.")
+    p.add_argument("--save-path", default="fused_model", help="Where to write the fused model.")
+    p.add_argument("--dequantize", action="store_true", help="Write full-precision weights (recommended for quantized bases).")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow custom code from the model repo.")
+    return p
+
+
+def fuse_model(model: nn.Module, dequantize: bool = False) -> nn.Module:
+    """Replace every adapter layer by its fused base layer."""
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    if dequantize:
+        model = dequantize_model(model)
+    return model
+
+
+def main(argv: Optional[list[str]] = None) -> Path:
+    args = build_parser().parse_args(argv)
+    model, tokenizer, config = load(
+        args.model, adapter_path=args.adapter_path, return_config=True, trust_remote_code=args.trust_remote_code
+    )
+    quantized = "quantization" in config or "quantization_config" in config
+    if quantized and not args.dequantize:
+        print(
+            "[WARNING] The base model is quantized: re-quantizing the fused weights rounds away much "
+            "of the adapter's effect. Pass --dequantize to keep it."
+        )
+    model = fuse_model(model, args.dequantize)
+    if args.dequantize:
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    save_path = Path(args.save_path)
+    save(save_path, args.model, model, tokenizer, config, donate_model=False)
+    print(f"Fused model written to {save_path}")
+    return save_path
+
+
+if __name__ == "__main__":
+    main()

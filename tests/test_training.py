@@ -1,0 +1,173 @@
+"""End-to-end: references, the DPO objective on a real (tiny) model, the CLI, mlx-lm interop."""
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load
+
+from mlx_dpo.batching import iterate_batches, pad_batch
+from mlx_dpo.config import load_config
+from mlx_dpo.data import load_datasets
+from mlx_dpo.lora import run
+from mlx_dpo.objectives import make_loss
+from mlx_dpo.reference import adapters_disabled, make_reference
+
+LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+
+
+def first_batch(model_path, data_path, batch_size=4):
+    _, tok = load(str(model_path))
+    sets = load_datasets(str(data_path), tok, "dpo", 128, splits=("train",))
+    return next(iterate_batches(sets["train"], batch_size, pad_id=tok.eos_token_id, shuffle=False)), sets["train"]
+
+
+def randomise_adapters(model, seed=0):
+    """Give lora_b (and DoRA's m) non-zero values so the policy differs from the base."""
+    rng = np.random.default_rng(seed)
+    for _, m in model.named_modules():
+        if "lora_b" in m:
+            m.lora_b = mx.array(rng.normal(size=m.lora_b.shape).astype(np.float32) * 0.05)
+        if "m" in m and isinstance(m["m"], mx.array):
+            m.m = m.m * mx.array(rng.uniform(0.8, 1.2, size=m.m.shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fresh_adapters_give_log2_and_zero_rewards(tiny_model_path, tiny_data_path, dora):
+    batch, _ = first_batch(tiny_model_path, tiny_data_path)
+    model, _ = load(str(tiny_model_path))
+    model.freeze()
+    linear_to_lora_layers(model, -1, LORA, use_dora=dora)
+    loss_fn = make_loss("dpo", make_reference(model), beta=0.1)
+    loss, m = loss_fn(model, batch)
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    assert m["rewards/chosen"].item() == 0.0 and m["rewards/rejected"].item() == 0.0
+    assert m["rewards/margins"].item() == 0.0
+
+
+@pytest.mark.parametrize("dora", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bypass_reference_reproduces_base_model_exactly(tiny_model_path, tiny_data_path, dora, compiled):
+    batch, _ = first_batch(tiny_model_path, tiny_data_path)
+    base, _ = load(str(tiny_model_path))
+    base_logits = base(batch["tokens"])
+    model, _ = load(str(tiny_model_path))
+    model.freeze()
+    linear_to_lora_layers(model, -1, LORA, use_dora=dora)
+    randomise_adapters(model)
+    assert not np.allclose(np.array(model(batch["tokens"])), np.array(base_logits), atol=1e-3)
+
+    def ref_logits(tokens):
+        with adapters_disabled(model):
+            return model(tokens)
+
+    fn = mx.compile(ref_logits) if compiled else ref_logits
+    np.testing.assert_array_equal(np.array(fn(batch["tokens"])), np.array(base_logits))
+    # The adapters are back afterwards.
+    assert not np.allclose(np.array(model(batch["tokens"])), np.array(base_logits), atol=1e-3)
+
+
+def np_logps(logits, tokens, mask):
+    logits = logits.astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
+    return ((picked - lse) * mask).sum(-1)
+
+
+def test_separate_reference_model_loss_matches_numpy(tiny_model_path, other_model_path, tiny_data_path):
+    batch, _ = first_batch(tiny_model_path, tiny_data_path)
+    policy, _ = load(str(tiny_model_path))
+    policy.freeze()
+    linear_to_lora_layers(policy, -1, LORA)
+    randomise_adapters(policy)
+    ref, _ = load(str(other_model_path))
+    beta, eps = 0.2, 0.1
+    loss, m = make_loss("dpo", make_reference(policy, ref), beta=beta, label_smoothing=eps)(policy, batch)
+
+    tokens, mask = np.array(batch["tokens"]), np.array(batch["mask"])
+    pol = np_logps(np.array(policy(batch["tokens"][:, :-1])), tokens, mask)
+    rf = np_logps(np.array(ref(batch["tokens"][:, :-1])), tokens, mask)
+    b = len(pol) // 2
+    h = beta * ((pol[:b] - rf[:b]) - (pol[b:] - rf[b:]))
+    want = np.mean(-(1 - eps) * -np.logaddexp(0, -h) - eps * -np.logaddexp(0, h))
+    assert abs(want - math.log(2)) > 1e-2  # the two models really differ
+    np.testing.assert_allclose(loss.item(), want, rtol=1e-5)
+    np.testing.assert_allclose(m["rewards/chosen"].item(), np.mean(beta * (pol[:b] - rf[:b])), rtol=1e-4, atol=1e-5)
+
+
+class Recorder(TrainingCallback):
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_train_loss_report(self, info):
+        self.train.append(info)
+
+    def on_val_loss_report(self, info):
+        self.val.append(info)
+
+
+def cli_args(tiny_model_path, tiny_data_path, adapter_path, *extra):
+    return [
+        "--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(adapter_path),
+        "--train", "--iters", "30", "--batch-size", "4", "--learning-rate", "3e-3", "--steps-per-report", "10",
+        "--steps-per-eval", "100", "--val-batches", "2", "--num-layers", "-1", "--max-seq-length", "128", *extra,
+    ]
+
+
+@pytest.mark.parametrize("fine_tune_type", ["lora", "dora", "full"])
+def test_short_dpo_run_learns_and_writes_mlx_lm_adapters(tiny_model_path, tiny_data_path, tmp_path, fine_tune_type):
+    rec = Recorder()
+    lr = "1e-3" if fine_tune_type == "full" else "3e-3"
+    args = load_config(cli_args(tiny_model_path, tiny_data_path, tmp_path / "ad", "--fine-tune-type", fine_tune_type, "--learning-rate", lr, "--test"))
+    metrics = run(args, training_callback=rec)
+
+    first, last = rec.train[0], rec.train[-1]
+    assert last["train_loss"] < first["train_loss"] - 0.05
+    assert last["rewards/accuracies"] > first["rewards/accuracies"]
+    assert rec.val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 0: policy == reference
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "learning_rate", "tokens_per_second", "peak_memory"):
+        assert key in last
+
+    saved = json.loads((tmp_path / "ad" / "test_metrics.json").read_text())
+    assert saved["num_pairs"] == 16 and saved["loss"] == pytest.approx(metrics["loss"])
+    for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert key in saved
+
+    # mlx-lm loads the adapters, and they change the model.
+    tokens = mx.array([[1, 50, 60, 70, 80, 90]])
+    with_adapter, _ = load(str(tiny_model_path), adapter_path=str(tmp_path / "ad"))
+    base, _ = load(str(tiny_model_path))
+    assert not np.allclose(np.array(with_adapter(tokens)), np.array(base(tokens)), atol=1e-4)
+
+    # A fused model (ours and mlx-lm's fuse) gives the logits of model + adapter.
+    from mlx_lm.fuse import main as mlx_lm_fuse_main
+
+    from mlx_dpo.fuse import main as fuse_main
+
+    fuse_main(["--model", str(tiny_model_path), "--adapter-path", str(tmp_path / "ad"), "--save-path", str(tmp_path / "fused")])
+    fused, _ = load(str(tmp_path / "fused"))
+    np.testing.assert_allclose(np.array(fused(tokens)), np.array(with_adapter(tokens)), atol=1e-4, rtol=1e-4)
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["mlx_lm.fuse", "--model", str(tiny_model_path), "--adapter-path", str(tmp_path / "ad"), "--save-path", str(tmp_path / "fused2")]
+    try:
+        mlx_lm_fuse_main()
+    finally:
+        sys.argv = argv
+    fused2, _ = load(str(tmp_path / "fused2"))
+    np.testing.assert_allclose(np.array(fused2(tokens)), np.array(with_adapter(tokens)), atol=1e-4, rtol=1e-4)
+
+
+def test_adapters_reloaded_through_mlx_lm_give_the_trained_models_metrics(tiny_model_path, tiny_data_path, tmp_path):
+    ad = tmp_path / "ad"
+    # The first run evaluates the in-memory trained model; the second loads the
+    # saved adapters with mlx-lm's load_adapters: same weights, same log-probs.
+    trained = run(load_config(cli_args(tiny_model_path, tiny_data_path, ad, "--iters", "10", "--test")))
+    retested = run(load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(ad), "--test", "--max-seq-length", "128", "--batch-size", "4"]))
+    for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert retested[k] == pytest.approx(trained[k], rel=1e-5, abs=1e-6)
