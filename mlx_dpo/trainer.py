@@ -151,7 +151,7 @@ def train(
     trained_tokens = 0.0
     model.train()
     for it in range(1, args.iters + 1):
-        if val_dataset and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
+        if val_dataset and args.val_batches != 0 and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
             tic = time.perf_counter()
             val = evaluate(model, loss_fn, val_dataset, args.batch_size, args.val_batches, iterate_batches)
             model.train()
