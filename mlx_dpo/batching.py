@@ -49,6 +49,17 @@ def length_groups(dataset: Sequence[Example], batch_size: int, rank: int = 0, wo
     ]
 
 
+def padding_fraction(dataset: Sequence[Example], batch_size: int, pad_multiple: int = 1) -> float:
+    """Share of the batched token slots that are padding, with length grouping."""
+    real = padded = 0
+    for group in length_groups(dataset, batch_size):
+        lengths = [len(s[0]) for i in group for s in dataset[i]]
+        width = -(-max(lengths) // pad_multiple) * pad_multiple
+        real += sum(lengths)
+        padded += width * len(lengths)
+    return 1.0 - real / padded if padded else 0.0
+
+
 def iterate_batches(
     dataset: Sequence[Example],
     batch_size: int,
@@ -59,15 +70,23 @@ def iterate_batches(
     comm_group: Optional[mx.distributed.Group] = None,
     shuffle: bool = True,
 ) -> Iterator[dict[str, mx.array]]:
-    """Yield padded batches; each epoch visits the length groups in a fresh seeded order."""
+    """Yield padded batches; each epoch visits the length groups in a fresh seeded order.
+
+    A dataset with ``reference_logps`` (see ``reference.WithReference``) adds
+    them to each batch, in row order.
+    """
     rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     groups = length_groups(dataset, batch_size, rank, world)
     epoch = 0
     while True:
         order = np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle else range(len(groups))
         for g in order:
-            batch = pad_batch([dataset[i] for i in groups[g]], pad_id, pad_multiple)
-            batch["index"] = mx.array(np.asarray(groups[g], dtype=np.int32))
+            idx = np.asarray(groups[g], dtype=np.int32)
+            batch = pad_batch([dataset[i] for i in idx], pad_id, pad_multiple)
+            batch["index"] = mx.array(idx)
+            reference = getattr(dataset, "reference_logps", None)
+            if reference is not None:  # rows: all chosen, then all rejected
+                batch["reference_logps"] = mx.array(reference[idx].T.reshape(-1))
             yield batch
         epoch += 1
         if not loop:

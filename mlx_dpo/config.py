@@ -19,6 +19,7 @@ from mlx_lm.lora import build_parser as mlx_lm_parser
 from mlx_lm.lora import yaml_loader  # SafeLoader that also reads 1e-5 as a float
 
 LOSS_TYPES = ("sft", "dpo")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DEFAULTS: dict[str, Any] = {
     **MLX_LM_DEFAULTS,
@@ -35,6 +36,11 @@ DEFAULTS: dict[str, Any] = {
     "reference_model": None,
     "compile": True,
     "build_demo_if_missing": False,
+    # Speed and memory.
+    "dtype": "auto",
+    "precompute_reference": False,
+    "pad_to_multiple": 1,
+    "logits_chunk_size": None,
 }
 
 LORA_PARAMETER_KEYS = {"rank", "scale", "dropout", "keys"}
@@ -101,6 +107,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reference_model": (_opt(lambda v: isinstance(v, str) and v != ""), "a hub id or a local path"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
     "build_demo_if_missing": (lambda v: isinstance(v, bool), "true or false"),
+    "dtype": (lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
+    "precompute_reference": (lambda v: isinstance(v, bool), "true or false"),
+    "pad_to_multiple": (lambda v: _is_int(v) and v > 0, "a positive integer (1: pad to the batch maximum)"),
+    "logits_chunk_size": (_opt(lambda v: _is_int(v) and v >= 0), "a non-negative integer (0: off; unset: auto)"),
 }
 for _k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature"):
     RULES[_k] = (_opt(lambda v: isinstance(v, str)), "a field name")
@@ -141,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-smoothing", type=float, help="Conservative DPO ε in [0, 0.5) (default: 0).")
     parser.add_argument("--reference-model", type=str, help="Separate frozen reference model (default: the policy without adapters).")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="Do not mx.compile the training step.")
+    parser.add_argument("--dtype", type=str, choices=DTYPES, help="Training dtype (auto: float32 on a CPU, the model's own on a GPU).")
+    parser.add_argument("--precompute-reference", action="store_true", help="Compute reference log-probs once and cache them on disk.")
+    parser.add_argument("--pad-to-multiple", type=int, help="Pad batches to a multiple of this length (default 1).")
+    parser.add_argument("--logits-chunk-size", type=int, help="Positions per chunk of the vocabulary projection (0: off).")
     parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})
     return parser
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import mlx.core as mx
 import mlx.nn as nn
+
+# Architectures whose logits are exactly ``lm_head(model.model(x))`` (or the
+# tied embedding), with nothing after the head: only these may be split into
+# body + head for sequence-chunked log-probs. Others fall back to full logits.
+SPLITTABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 
 
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
@@ -18,8 +25,58 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     return picked - mx.logsumexp(logits, axis=-1)
 
 
+def split_head(model: nn.Module) -> Optional[tuple[Callable, nn.Module]]:
+    """``(body, head)`` with ``model(x) == head(body(x))``, or None where unknown.
+
+    ``head`` is a module whose ``__call__`` maps hidden states to logits.
+    """
+    if getattr(model, "model_type", None) not in SPLITTABLE or "model" not in model:
+        return None
+    args = getattr(model, "args", None)
+    if getattr(args, "tie_word_embeddings", False):
+        return model.model, _TiedHead(model.model.embed_tokens)
+    if "lm_head" in model:
+        return model.model, model.lm_head
+    return None
+
+
+class _TiedHead(nn.Module):
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.embedding = embedding
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.embedding.as_linear(x)
+
+
+def chunked_token_logps(hidden: mx.array, targets: mx.array, head: nn.Module, chunk_size: int) -> mx.array:
+    """``token_logps(head(hidden), targets)`` computed ``chunk_size`` positions at a time.
+
+    Each chunk's logits are recomputed in the backward pass (``mx.checkpoint``),
+    so no (N, L, V) array is ever alive: for a 150k vocabulary that is the
+    largest tensor of the whole step.
+    """
+
+    def chunk_fn(params, h, t):
+        head.update(params)
+        return token_logps(head(h), mx.stop_gradient(t))
+
+    checkpointed = mx.checkpoint(chunk_fn)
+    params = head.trainable_parameters()
+    pieces = [
+        checkpointed(params, hidden[:, i : i + chunk_size], targets[:, i : i + chunk_size])
+        for i in range(0, hidden.shape[1], chunk_size)
+    ]
+    return mx.concatenate(pieces, axis=1)
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """0 (no chunking) below 100k tokens of vocabulary; 128 positions above."""
+    return 128 if vocab_size >= 100_000 else 0
+
+
 def get_batched_logps(
-    model: nn.Module, tokens: mx.array, mask: mx.array
+    model: nn.Module, tokens: mx.array, mask: mx.array, chunk_size: int = 0
 ) -> tuple[mx.array, mx.array]:
     """One forward pass over all rows; returns per-row summed response log-probs and token counts.
 
@@ -28,8 +85,16 @@ def get_batched_logps(
     are chosen then rejected, stacked, so both go through the model together.
     The mask is explicit because no token id can stand for padding: id 0 is a
     real token in many vocabularies and EOS padding must not hide the real EOS.
+
+    With ``chunk_size > 0`` (and a known architecture) the vocabulary
+    projection runs over that many positions at a time; see ``chunked_token_logps``.
     """
-    logits = model(tokens[:, :-1])
-    logps = token_logps(logits, tokens[:, 1:])
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    parts = split_head(model) if chunk_size > 0 and chunk_size < inputs.shape[1] else None
+    if parts is not None:
+        body, head = parts
+        logps = chunked_token_logps(body(inputs), targets, head, chunk_size)
+    else:
+        logps = token_logps(model(inputs), targets)
     mask = mask.astype(mx.float32)
     return (logps * mask).sum(axis=-1), mask.sum(axis=-1)

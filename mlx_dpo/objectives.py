@@ -29,31 +29,33 @@ def _forwarded(batch: dict) -> mx.array:
     return batch["lengths"].sum().astype(mx.float32)
 
 
-def _sft(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-    logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"])
-    loss, metrics = sft_loss(logps, ntoks)
-    count = mx.array(logps.shape[0], mx.float32)
-    return loss, {**metrics, "weight": ntoks.sum(), "count": count, "ntoks": _forwarded(batch)}
-
-
 def make_loss(
     loss_type: str,
     reference: Optional[ReferenceFn] = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    chunk_size: int = 0,
 ) -> LossFn:
     """The loss function for ``loss_type``; ``reference`` gives reference log-probs for DPO.
 
-    A batch may carry precomputed ``reference_logps``; then no reference pass runs.
+    A batch may carry precomputed ``reference_logps``; then no reference pass
+    runs. ``chunk_size`` is passed to ``get_batched_logps``.
     """
     if loss_type == "sft":
-        return _sft
+
+        def sft(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
+            logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
+            loss, metrics = sft_loss(logps, ntoks)
+            count = mx.array(logps.shape[0], mx.float32)
+            return loss, {**metrics, "weight": ntoks.sum(), "count": count, "ntoks": _forwarded(batch)}
+
+        return sft
     if loss_type != "dpo":
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
     def dpo(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
         tokens, mask = batch["tokens"], batch["mask"]
-        logps, ntoks = get_batched_logps(model, tokens, mask)
+        logps, ntoks = get_batched_logps(model, tokens, mask, chunk_size)
         ref = batch.get("reference_logps")
         if ref is None:
             ref = reference(tokens, mask)

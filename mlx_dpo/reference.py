@@ -5,16 +5,22 @@ is swapped for the layer it wraps for the duration of the reference pass. That
 reproduces the base model exactly, for DoRA too (setting ``scale = 0`` would
 not: DoRA's learned magnitude ``m`` still applies). Full fine-tuning changes
 the base weights themselves, so there the reference is a separate frozen model.
+With ``precompute_reference`` the reference runs once over the data and its
+log-probs are cached on disk, so training needs one policy pass per step.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .logps import get_batched_logps
 
@@ -48,7 +54,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             model.update_modules(tree_unflatten(adapters))
 
 
-def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None) -> ReferenceFn:
+def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None, chunk_size: int = 0) -> ReferenceFn:
     """Return ``fn(tokens, mask) -> summed response log-probs`` under the reference, no gradient.
 
     ``reference_model`` (frozen) is used when given; otherwise the policy with
@@ -58,7 +64,7 @@ def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None
         reference_model.freeze()
 
         def separate(tokens: mx.array, mask: mx.array) -> mx.array:
-            return mx.stop_gradient(get_batched_logps(reference_model, tokens, mask)[0])
+            return mx.stop_gradient(get_batched_logps(reference_model, tokens, mask, chunk_size)[0])
 
         return separate
 
@@ -70,6 +76,107 @@ def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None
 
     def bypass(tokens: mx.array, mask: mx.array) -> mx.array:
         with adapters_disabled(model):
-            return mx.stop_gradient(get_batched_logps(model, tokens, mask)[0])
+            return mx.stop_gradient(get_batched_logps(model, tokens, mask, chunk_size)[0])
 
     return bypass
+
+
+class WithReference(list):
+    """A dataset (list of examples) carrying precomputed reference log-probs.
+
+    ``reference_logps[i]`` holds ``(chosen, rejected)`` of example ``i``; the
+    batch iterator attaches them to each batch, so training runs one policy
+    pass per step.
+    """
+
+    def __init__(self, examples, reference_logps: np.ndarray):
+        super().__init__(examples)
+        self.reference_logps = reference_logps
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A content hash of the reference weights (adapters bypassed): names, shapes, dtypes, sampled values.
+
+    Sampling a strided subset of every tensor keeps this cheap for a 7B model
+    while any real change of the weights (another checkpoint, a fine-tune,
+    a different quantization) changes the hash.
+    """
+    h = hashlib.sha256()
+    with adapters_disabled(model):
+        params = sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0])
+        for name, a in params:
+            flat = a.reshape(-1)
+            step = max(1, flat.size // 4096)
+            sample = flat[::step]
+            if mx.issubdtype(sample.dtype, mx.floating):
+                sample = sample.astype(mx.float32)
+            h.update(f"{name}:{a.shape}:{a.dtype}".encode())
+            h.update(np.array(sample).tobytes())
+    return h.hexdigest()
+
+
+def examples_fingerprint(examples: Sequence) -> str:
+    """A hash of the tokenized examples: covers the data files and every tokenization setting."""
+    h = hashlib.sha256()
+    for ex in examples:
+        for toks, start in ex:
+            h.update(np.asarray(toks, dtype=np.int64).tobytes())
+            h.update(f"|{start};".encode())
+    return h.hexdigest()
+
+
+def compute_reference_logps(
+    reference: ReferenceFn,
+    examples: Sequence,
+    batch_size: int,
+    pad_id: int = 0,
+    progress: Optional[Callable[[int], None]] = None,
+) -> np.ndarray:
+    """(N, 2) reference log-probs of every example, in length-sorted batches (no example skipped)."""
+    from .batching import pad_batch
+
+    out = np.zeros((len(examples), len(examples[0]) if examples else 2), dtype=np.float32)
+    order = sorted(range(len(examples)), key=lambda i: max(len(s[0]) for s in examples[i]))
+    for i in range(0, len(order), batch_size):
+        idx = order[i : i + batch_size]
+        batch = pad_batch([examples[j] for j in idx], pad_id)
+        logps = np.array(reference(batch["tokens"], batch["mask"]))
+        out[idx] = logps.reshape(-1, len(idx)).T
+        if progress is not None:
+            progress(len(idx))
+    return out
+
+
+def cached_reference(
+    reference: ReferenceFn,
+    examples: Sequence,
+    cache_dir: Path,
+    split: str,
+    weights_fp: str,
+    batch_size: int,
+    pad_id: int = 0,
+    show_progress: bool = True,
+) -> WithReference:
+    """Load this split's reference log-probs from ``cache_dir`` or compute and save them.
+
+    The file name carries a hash of the reference weights and of the tokenized
+    examples, so a changed model, data file or tokenization setting never
+    reuses stale values.
+    """
+    key = hashlib.sha256(f"{weights_fp}:{examples_fingerprint(examples)}".encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{split}-{key}.safetensors"
+    if path.is_file():
+        print(f"Reference log-probs for {split}: reusing {path}")
+        return WithReference(examples, np.array(mx.load(str(path))["reference_logps"]))
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(examples), desc=f"Reference log-probs ({split})", unit="ex", disable=not show_progress)
+    values = compute_reference_logps(reference, examples, batch_size, pad_id, bar.update)
+    bar.close()
+    if mx.distributed.init().rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+        mx.save_safetensors(str(tmp), {"reference_logps": mx.array(values)})
+        os.replace(tmp, path)
+        print(f"Reference log-probs for {split}: saved {path}")
+    return WithReference(examples, values)
