@@ -170,9 +170,9 @@ def main() -> None:
             env = dict(os.environ)
             if cfg.endswith("noblas"):
                 env["MLX_DPO_BLAS"] = "off"
-            cmd = [sys.executable, __file__, "--worker", cfg, "--model-dir", model_dir] + [
-                a for a in sys.argv[1:] if not a.startswith("--json")
-            ]
+            passed = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "model_dir", "configs", "model") and v is not None}
+            cmd = [sys.executable, __file__, "--worker", cfg, "--model-dir", model_dir]
+            cmd += [x for k, v in passed.items() for x in (f"--{k.replace('_', '-')}", str(v))]
             tic = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]

@@ -30,23 +30,26 @@ def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 
     return {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths)}
 
 
-def length_groups(dataset: Sequence[Example], batch_size: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+def length_groups(
+    dataset: Sequence[Example], batch_size: int, rank: int = 0, world: int = 1, drop_last: bool = True
+) -> list[list[int]]:
     """Batches of example indices, grouped by length so padding stays small.
 
     With ``world`` processes each rank takes every ``world``-th example of a
     global batch, so the ranks together see exactly the single-process batch.
+    Training drops the last partial batch (every step sees ``batch_size``
+    examples); evaluation keeps it, or the longest examples would never count.
     """
-    if len(dataset) < batch_size:
+    if drop_last and len(dataset) < batch_size:
         raise ValueError(
             f"The dataset has {len(dataset)} examples, fewer than batch_size={batch_size}."
         )
     if batch_size % world != 0:
         raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world}).")
     order = sorted(range(len(dataset)), key=lambda i: max(len(s[0]) for s in dataset[i]))
-    return [
-        order[i + rank : i + batch_size : world]
-        for i in range(0, len(order) - batch_size + 1, batch_size)
-    ]
+    end = len(order) - batch_size + 1 if drop_last else len(order)
+    groups = [order[i + rank : i + batch_size : world] for i in range(0, max(end, 0), batch_size)]
+    return [g for g in groups if g]
 
 
 def padding_fraction(dataset: Sequence[Example], batch_size: int, pad_multiple: int = 1) -> float:
@@ -69,6 +72,7 @@ def iterate_batches(
     pad_multiple: int = 1,
     comm_group: Optional[mx.distributed.Group] = None,
     shuffle: bool = True,
+    drop_last: bool = True,
 ) -> Iterator[dict[str, mx.array]]:
     """Yield padded batches; each epoch visits the length groups in a fresh seeded order.
 
@@ -76,7 +80,7 @@ def iterate_batches(
     them to each batch, in row order.
     """
     rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
-    groups = length_groups(dataset, batch_size, rank, world)
+    groups = length_groups(dataset, batch_size, rank, world, drop_last)
     epoch = 0
     while True:
         order = np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle else range(len(groups))

@@ -88,7 +88,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "steps_per_eval": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "save_every": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "resume_adapter_file": (_opt(lambda v: isinstance(v, str)), "a path to an adapters .safetensors file"),
-    "adapter_path": (lambda v: isinstance(v, str) and v != "", "a folder path"),
+    "adapter_path": (lambda v: isinstance(v, str), "a folder path (\"\" with test only: no adapters)"),
     "max_seq_length": (lambda v: _is_int(v) and v > 1, "an integer > 1"),
     "grad_checkpoint": (lambda v: isinstance(v, bool), "true or false"),
     "grad_accumulation_steps": (lambda v: _is_int(v) and v > 0, "a positive integer"),
@@ -188,4 +188,11 @@ def load_config(argv: Optional[list[str]] = None, overrides: Optional[dict] = No
     if isinstance(merged.get("lora_parameters"), dict):
         merged["lora_parameters"] = {**DEFAULTS["lora_parameters"], **merged["lora_parameters"]}
     validate(merged)
-    return types.SimpleNamespace(**merged)
+    args = types.SimpleNamespace(**merged)
+    args._explicit = set(cfg)  # keys the user set (file, flags or overrides), vs defaults
+    return args
+
+
+def public(args: types.SimpleNamespace) -> dict[str, Any]:
+    """The config keys of ``args`` (no private bookkeeping), e.g. for adapter_config.json."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}

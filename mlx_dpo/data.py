@@ -125,9 +125,10 @@ def _text_prompt_end(common: str) -> int:
     ends = [common.rfind(m) + len(m) for m in ASSISTANT_MARKERS if m in common]
     if ends:
         return max(ends)
-    # No assistant marker: cut after the last whitespace so no word is split.
+    # No assistant marker: cut before the last whitespace so no word is split
+    # and each response starts with its space, as byte-level BPEs tokenize " word".
     spaces = [i for i, ch in enumerate(common) if ch.isspace()]
-    return spaces[-1] + 1 if spaces else 0
+    return spaces[-1] if spaces else 0
 
 
 def split_implicit_prompt(chosen, rejected) -> tuple:
@@ -316,10 +317,16 @@ def build_sft(
         dataset = create_dataset(records, tokenizer, config)
     except ValueError as e:
         raise DataError(f"line 1: {e}") from None
+    return sft_examples(dataset, max_seq_length, mask_prompt)
+
+
+def sft_examples(dataset, max_seq_length: int, mask_prompt: bool) -> tuple[list[Example], dict]:
+    """Examples from an mlx-lm dataset object (``dataset[i]`` a record, ``.process`` its tokenizer)."""
+    stats = {"examples": 0, "truncated": 0, "dropped_long_prompt": 0}
     examples = []
-    for line, record in enumerate(records, 1):
+    for line in range(1, len(dataset) + 1):
         try:
-            tokens, offset = dataset.process(record)
+            tokens, offset = dataset.process(dataset[line - 1])
         except (KeyError, TypeError, IndexError) as e:
             raise DataError(f"line {line}: record does not match the layout of line 1 ({e!r})") from None
         tokens = list(tokens)

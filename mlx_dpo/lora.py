@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Optional
 
 from . import _blas
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, public
 
 import mlx.core as mx  # noqa: E402  (after the BLAS preload in mlx_dpo/__init__)
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
-from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
+from mlx_lm.tuner.callbacks import TrainingCallback, get_reporting_callbacks  # noqa: E402
 from mlx_lm.tuner.utils import (  # noqa: E402
     build_schedule,
     linear_to_lora_layers,
@@ -35,8 +35,8 @@ from .batching import iterate_batches, padding_fraction  # noqa: E402
 from .data import DataError, load_datasets  # noqa: E402
 from .objectives import make_loss  # noqa: E402
 from .logps import auto_chunk_size  # noqa: E402
-from .reference import cached_reference, make_reference, weights_fingerprint  # noqa: E402
-from .trainer import TrainingArgs, evaluate, train  # noqa: E402
+from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
+from .trainer import CallbackList, TrainingArgs, evaluate, train  # noqa: E402
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -87,6 +87,10 @@ def load_reference(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn
         rank0_print("Full fine-tuning: loading a frozen copy of the model as the reference.")
         path = args.model
     if path is None:
+        if not has_adapters(model):
+            raise ConfigError(
+                "the default reference bypasses the adapters, but the model has none: set 'reference_model'"
+            )
         return None
     rank0_print(f"Loading reference model {path}")
     ref, _ = load(path, tokenizer_config={"trust_remote_code": args.trust_remote_code}, trust_remote_code=args.trust_remote_code)
@@ -123,6 +127,38 @@ def with_reference_logps(args, sets: dict, reference, fingerprint_model: nn.Modu
     }
 
 
+# What an adapter was trained with and a test of it must reuse, unless set again.
+INHERITED_KEYS = ("loss_type", "fine_tune_type", "beta", "label_smoothing", "reference_model")
+
+
+def inherit_training_settings(args: types.SimpleNamespace) -> None:
+    """For ``--test`` alone: take the objective and reference from adapter_config.json."""
+    path = Path(args.adapter_path) / "adapter_config.json"
+    if not args.adapter_path or not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    explicit = getattr(args, "_explicit", set())
+    for key in INHERITED_KEYS:
+        if key in saved and key not in explicit and saved[key] != getattr(args, key):
+            rank0_print(f"Testing with {key}={saved[key]!r} from {path}")
+            setattr(args, key, saved[key])
+
+
+def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict:
+    """The tokenized splits: ``data`` (folder or hub id), or mlx-lm's ``hf_dataset`` for SFT."""
+    if args.hf_dataset:
+        if args.loss_type != "sft":
+            raise ConfigError("'hf_dataset' is mlx-lm's SFT dataset option; for preference data set 'data' to the hub id")
+        from mlx_lm.tuner.datasets import load_custom_hf_dataset
+
+        from .data import sft_examples
+
+        loaded = dict(zip(("train", "valid", "test"), load_custom_hf_dataset(args, tokenizer)))
+        return {s: sft_examples(loaded[s], args.max_seq_length, args.mask_prompt)[0] if len(loaded[s]) else None for s in splits}
+    features = {k: getattr(args, k) for k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature") if getattr(args, k)}
+    return load_datasets(args.data, tokenizer, args.loss_type, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits, **features)
+
+
 def write_test_metrics(metrics: dict[str, float], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -135,6 +171,10 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     mx.random.seed(args.seed)
     if not args.train and not args.test:
         raise ConfigError("nothing to do: set 'train: true' and/or 'test: true' (or pass --train / --test)")
+    if args.train and not args.adapter_path:
+        raise ConfigError("invalid value for 'adapter_path': '' (training needs a folder to write to)")
+    if not args.train:
+        inherit_training_settings(args)
 
     if args.build_demo_if_missing and not Path(args.model).exists():
         from .toy import make_model, make_preference_data
@@ -155,12 +195,13 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     cast(model, dtype)
     chunk = args.logits_chunk_size if args.logits_chunk_size is not None else auto_chunk_size(model_config.get("vocab_size", 0))
 
-    rank0_print(f"Loading datasets from {args.data} (loss_type: {args.loss_type})")
+    rank0_print(f"Loading datasets from {args.hf_dataset or args.data} (loss_type: {args.loss_type})")
     splits = [s for s, on in (("train", args.train), ("valid", args.train), ("test", args.test)) if on]
-    features = {k: getattr(args, k) for k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature") if getattr(args, k)}
-    sets = load_datasets(args.data, tokenizer, args.loss_type, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits, **features)
+    sets = load_sets(args, tokenizer, splits)
     if args.train and not sets.get("train"):
         raise DataError(f"no training data: {args.data} has no usable train split")
+    if args.train and len(sets["train"]) < args.batch_size:
+        raise ConfigError(f"invalid value for 'batch_size': {args.batch_size} (the train split has only {len(sets['train'])} usable examples)")
     if args.test and not sets.get("test"):
         raise DataError(f"no test data: {args.data} has no usable test split")
 
@@ -173,7 +214,9 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
 
     if args.train:
         setup_trainable(model, args)
-    else:
+    elif args.adapter_path:
+        if not (adapter_path / "adapters.safetensors").is_file():
+            raise ConfigError(f"no adapters to test in '{adapter_path}' (set 'adapter_path', or \"\" to test the base model)")
         load_adapters(model, str(adapter_path))
     reference = None
     if args.loss_type != "sft":
@@ -188,7 +231,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
 
     if args.train:
         adapter_path.mkdir(parents=True, exist_ok=True)
-        save_config(dict(vars(args)), adapter_path / "adapter_config.json")
+        save_config(public(args), adapter_path / "adapter_config.json")
         training_args = TrainingArgs(
             batch_size=args.batch_size,
             iters=args.iters,
@@ -204,6 +247,9 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             seed=args.seed,
             compile=args.compile,
         )
+        if args.report_to:
+            reporter = get_reporting_callbacks(args.report_to, project_name=args.project_name, log_dir=args.adapter_path, config=public(args))
+            training_callback = CallbackList([training_callback, reporter])
         rank0_print(f"Training with loss_type={args.loss_type} for {args.iters} iterations")
         train(model, build_optimizer(args), loss_fn, sets["train"], sets.get("valid"), batches, training_args, training_callback)
 
@@ -216,7 +262,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     metrics["num_examples" if args.loss_type == "sft" else "num_pairs"] = int(metrics.pop("count"))
     metrics["num_tokens"] = int(metrics.pop("ntoks"))
     rank0_print("Test: " + ", ".join(f"{k} {v:.7g}" for k, v in metrics.items()))
-    if mx.distributed.init().rank() == 0:
+    if mx.distributed.init().rank() == 0 and args.adapter_path:
         adapter_path.mkdir(parents=True, exist_ok=True)
         write_test_metrics(metrics, adapter_path / "test_metrics.json")
         print(f"Wrote {adapter_path / 'test_metrics.json'}")

@@ -45,9 +45,12 @@ def make_loss(
 
         def sft(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
             logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
-            loss, metrics = sft_loss(logps, ntoks)
+            # Sum the token counts once and reuse it: two identical ``ntoks.sum()``
+            # in one compiled value_and_grad crash MLX 0.32 (IndexError _Map_base::at).
+            total = ntoks.sum()
+            loss, metrics = sft_loss(logps, total)
             count = mx.array(logps.shape[0], mx.float32)
-            return loss, {**metrics, "weight": ntoks.sum(), "count": count, "ntoks": _forwarded(batch)}
+            return loss, {**metrics, "weight": total, "count": count, "ntoks": _forwarded(batch)}
 
         return sft
     if loss_type != "dpo":

@@ -35,6 +35,21 @@ class TrainingArgs(_MlxLmTrainingArgs):
     compile: bool = field(default=True, metadata={"help": "mx.compile the training step."})
 
 
+class CallbackList(TrainingCallback):
+    """Several callbacks as one (None entries are skipped)."""
+
+    def __init__(self, callbacks: list[Optional[TrainingCallback]]):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_train_loss_report(self, train_info: dict) -> None:
+        for c in self.callbacks:
+            c.on_train_loss_report(train_info)
+
+    def on_val_loss_report(self, val_info: dict) -> None:
+        for c in self.callbacks:
+            c.on_val_loss_report(val_info)
+
+
 def _rank0_print(*args) -> None:
     if mx.distributed.init().rank() == 0:
         print(*args, flush=True)
@@ -77,7 +92,7 @@ def evaluate(
     """Weighted mean metrics over ``num_batches`` batches (-1: the whole set)."""
     model.eval()
     acc = MetricSum()
-    batches = iterate_batches(dataset, batch_size, loop=False, shuffle=False, comm_group=mx.distributed.init())
+    batches = iterate_batches(dataset, batch_size, loop=False, shuffle=False, drop_last=False, comm_group=mx.distributed.init())
     for i, batch in enumerate(batches):
         if num_batches != -1 and i >= num_batches:
             break
@@ -167,6 +182,8 @@ def train(
         loss, metrics, grad = step(batch, grad, it % accum_steps == 0)
         window.add(loss, metrics)
         mx.eval(state, window.arrays(), grad)
+        if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
+            mx.clear_cache()
         train_time += time.perf_counter() - tic
 
         if it % args.steps_per_report == 0 or it == args.iters:

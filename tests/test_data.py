@@ -206,9 +206,9 @@ def test_implicit_without_marker_cuts_on_whitespace():
     chosen = "The weather today is sunny and warm."
     rejected = "The weather today is sultry."
     prompt, c, r = split_implicit_prompt(chosen, rejected)
-    assert prompt == "The weather today is "
+    assert prompt == "The weather today is"  # the space goes with the response, as BPEs encode " word"
     assert prompt + c == chosen and prompt + r == rejected
-    assert c.split()[0] == "sunny" and r.split()[0] == "sultry."
+    assert c.startswith(" sunny") and r == " sultry."
 
 
 def test_implicit_without_any_whitespace_gives_empty_prompt(tiny_tokenizer):

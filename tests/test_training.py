@@ -171,3 +171,49 @@ def test_adapters_reloaded_through_mlx_lm_give_the_trained_models_metrics(tiny_m
     retested = run(load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(ad), "--test", "--max-seq-length", "128", "--batch-size", "4"]))
     for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert retested[k] == pytest.approx(trained[k], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["text", "completions", "chat"])
+def test_sft_runs_compiled_on_every_mlx_lm_format(tiny_model_path, tmp_path, layout):
+    from mlx_dpo.toy import preference_records, write_jsonl
+
+    recs = preference_records(24, seed=5)
+    rows = {
+        "text": [{"text": r["prompt"] + " " + r["chosen"]} for r in recs],
+        "completions": [{"prompt": r["prompt"], "completion": r["chosen"]} for r in recs],
+        "chat": [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}]} for r in recs],
+    }[layout]
+    for split in ("train", "valid", "test"):
+        write_jsonl(tmp_path / "d" / f"{split}.jsonl", rows)
+    rec = Recorder()
+    metrics = run(load_config(cli_args(tiny_model_path, tmp_path / "d", tmp_path / "ad", "--loss-type", "sft", "--test", "--batch-size", "5")), rec)
+    assert rec.val[-1]["val_loss"] < rec.val[0]["val_loss"] - 0.5
+    assert metrics["num_examples"] == 24  # the last, partial batch of 4 counts too
+    assert metrics["ppl"] == pytest.approx(math.exp(metrics["loss"]))
+
+
+def test_test_alone_reuses_the_trained_objective_and_reference(tiny_model_path, other_model_path, tiny_data_path, tmp_path):
+    ad = tmp_path / "ad"
+    extra = ("--iters", "5", "--test", "--reference-model", str(other_model_path), "--beta", "0.3", "--label-smoothing", "0.1", "--batch-size", "5")
+    trained = run(load_config(cli_args(tiny_model_path, tiny_data_path, ad, *extra)))
+    assert trained["num_pairs"] == 16  # 3 full batches of 5 and a last one of 1
+    again = run(load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(ad), "--test", "--max-seq-length", "128"]))
+    for k in ("loss", "rewards/chosen", "rewards/margins", "rewards/accuracies"):
+        assert again[k] == pytest.approx(trained[k], rel=1e-5, abs=1e-6)
+
+
+def test_full_fine_tune_adapters_test_alone(tiny_model_path, tiny_data_path, tmp_path):
+    ad = tmp_path / "ad"
+    trained = run(load_config(cli_args(tiny_model_path, tiny_data_path, ad, "--iters", "4", "--fine-tune-type", "full", "--learning-rate", "1e-3", "--test")))
+    again = run(load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(ad), "--test", "--max-seq-length", "128", "--batch-size", "4"]))
+    assert again["loss"] == pytest.approx(trained["loss"], rel=1e-5)
+    assert abs(again["loss"] - math.log(2)) > 1e-4
+
+
+def test_base_model_sft_test_with_empty_adapter_path(tiny_model_path, tmp_path):
+    from mlx_dpo.toy import preference_records, write_jsonl
+
+    write_jsonl(tmp_path / "d" / "test.jsonl", [{"text": r["prompt"] + " " + r["chosen"]} for r in preference_records(6)])
+    metrics = run(load_config(["--model", str(tiny_model_path), "--data", str(tmp_path / "d"), "--adapter-path", "", "--test", "--loss-type", "sft"]))
+    assert metrics["num_examples"] == 6 and metrics["loss"] > 1.0  # a random model: high loss
+    assert not (tmp_path / "test_metrics.json").exists()
