@@ -112,3 +112,12 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in out.stderr
     assert "'lable_smoothing'" in lines[0] and "'label_smoothing'" in lines[0]
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")) + sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(["--config", str(f)])
