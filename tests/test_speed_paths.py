@@ -158,3 +158,11 @@ def test_cli_precompute_reference_trains_like_on_the_fly(tiny_model_path, tiny_d
     wb = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
     for k in wa:
         np.testing.assert_allclose(np.array(wb[k]), np.array(wa[k]), atol=1e-5)
+
+
+def test_missing_blas_warns_with_the_install_command():
+    env = {**os.environ, "MLX_DPO_BLAS": "/nonexistent/libopenblas.so"}
+    code = "import mlx_dpo; print(mlx_dpo._blas.status[0]); print(mlx_dpo._blas.describe())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    if sys.platform.startswith("linux"):
+        assert out.startswith("failed") and "apt-get install libopenblas0-pthread" in out and "WARNING" in out
