@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Iterable, Optional
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -66,8 +67,8 @@ def _corpus() -> list[str]:
     return lines
 
 
-def make_tokenizer(path: Path, vocab_size: int = 512) -> int:
-    """Train a byte-level BPE with BOS/EOS and a chat template; return its size."""
+def make_tokenizer(path: Path, vocab_size: int = 512, corpus: Optional[Iterable[str]] = None) -> int:
+    """Train a byte-level BPE with BOS/EOS and a chat template on ``corpus``; return its size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +81,7 @@ def make_tokenizer(path: Path, vocab_size: int = 512) -> int:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
     bos = tok.token_to_id("<s>")
     # Like Llama: the tokenizer's own encoding prepends BOS.
     tok.post_processor = processors.TemplateProcessing(
@@ -107,12 +108,14 @@ def make_model(
     vocab_size: int = 512,
     seed: int = 0,
     tokenizer_vocab: int | None = None,
+    corpus: Optional[Iterable[str]] = None,
 ) -> Path:
     """Write a random-weight Llama in Hugging Face layout that ``mlx_lm.load`` reads.
 
     ``vocab_size`` is the embedding size; the tokenizer gets ``tokenizer_vocab``
     entries (default: the same), so a large-vocabulary model can still use a
-    small trained tokenizer.
+    small trained tokenizer. ``corpus`` is the tokenizer's training text
+    (default: the toy review lines).
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -120,7 +123,7 @@ def make_model(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    n_tok = make_tokenizer(path, tokenizer_vocab or vocab_size)
+    n_tok = make_tokenizer(path, tokenizer_vocab or vocab_size, corpus)
     if n_tok > vocab_size:
         raise ValueError(f"tokenizer has {n_tok} tokens but the model only {vocab_size}")
     config = {
