@@ -35,7 +35,6 @@ DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.0,
     "reference_model": None,
     "compile": True,
-    "build_demo_if_missing": False,
     # Speed and memory.
     "dtype": "auto",
     "precompute_reference": False,
@@ -106,7 +105,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "reference_model": (_opt(lambda v: isinstance(v, str) and v != ""), "a hub id or a local path"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
-    "build_demo_if_missing": (lambda v: isinstance(v, bool), "true or false"),
     "dtype": (lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
     "precompute_reference": (lambda v: isinstance(v, bool), "true or false"),
     "pad_to_multiple": (lambda v: _is_int(v) and v > 0, "a positive integer (1: pad to the batch maximum)"),

@@ -176,14 +176,6 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     if not args.train:
         inherit_training_settings(args)
 
-    if args.build_demo_if_missing and not Path(args.model).exists():
-        from .toy import make_model, make_preference_data
-
-        rank0_print(f"Making the quickstart's small random model in {args.model} and its data in {args.data} (first run only).")
-        make_model(args.model, hidden_size=128, num_layers=4, num_heads=4, vocab_size=512)
-        if not Path(args.data).exists():
-            make_preference_data(args.data, n_train=256, n_valid=32, n_test=32)
-
     rank0_print(f"Loading pretrained model {args.model}")
     model, tokenizer, model_config = load(
         args.model,
