@@ -76,8 +76,8 @@ def iterate_batches(
 ) -> Iterator[dict[str, mx.array]]:
     """Yield padded batches; each epoch visits the length groups in a fresh seeded order.
 
-    A dataset with ``reference_logps`` (see ``reference.WithReference``) adds
-    them to each batch, in row order.
+    A ``data.Dataset`` adds its ``fields`` (labels, confidences, precomputed
+    reference log-probs) to each batch, in row order.
     """
     rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     groups = length_groups(dataset, batch_size, rank, world, drop_last)
@@ -88,9 +88,10 @@ def iterate_batches(
             idx = np.asarray(groups[g], dtype=np.int32)
             batch = pad_batch([dataset[i] for i in idx], pad_id, pad_multiple)
             batch["index"] = mx.array(idx)
-            reference = getattr(dataset, "reference_logps", None)
-            if reference is not None:  # rows: all chosen, then all rejected
-                batch["reference_logps"] = mx.array(reference[idx].T.reshape(-1))
+            for name, values in getattr(dataset, "fields", {}).items():
+                # Per-sequence fields follow the row order: all first sequences, then all second.
+                picked = values[idx]
+                batch[name] = mx.array(picked.T.reshape(-1) if picked.ndim == 2 else picked)
             yield batch
         epoch += 1
         if not loop:

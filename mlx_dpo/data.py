@@ -14,6 +14,7 @@ import os
 import types
 import weakref
 from pathlib import Path
+from typing import Optional
 
 Sequence = tuple[list[int], int]  # (prompt + response token ids, index of first response token)
 Example = tuple[Sequence, ...]  # (chosen, rejected) for preference pairs; (seq,) for sft
@@ -34,6 +35,28 @@ ASSISTANT_MARKERS = (
     "[/INST]",
     "### Response:",
 )
+
+
+class Dataset(list):
+    """Tokenized examples plus optional per-example arrays in ``fields``.
+
+    A 1-D field (N,) is per example (e.g. KTO's ``label``, a pair's
+    ``confidence``); a 2-D field (N, k), k = sequences per example, is per
+    sequence (e.g. precomputed ``reference_logps``). The batch iterator adds
+    each field to every batch, laid out like the batch's rows.
+    """
+
+    def __init__(self, examples=(), fields: Optional[dict] = None):
+        super().__init__(examples)
+        self.fields: dict = dict(fields or {})
+
+    def with_fields(self, **fields) -> "Dataset":
+        return Dataset(self, {**self.fields, **fields})
+
+
+def as_dataset(examples) -> Dataset:
+    """``examples`` as a Dataset, keeping its fields if it already is one."""
+    return Dataset(examples, getattr(examples, "fields", None))
 
 
 class DataError(ValueError):

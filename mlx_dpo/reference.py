@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .data import Dataset, as_dataset
 from .logps import get_batched_logps
 
 ReferenceFn = Callable[[mx.array, mx.array], mx.array]
@@ -79,19 +80,6 @@ def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None
             return mx.stop_gradient(get_batched_logps(model, tokens, mask, chunk_size)[0])
 
     return bypass
-
-
-class WithReference(list):
-    """A dataset (list of examples) carrying precomputed reference log-probs.
-
-    ``reference_logps[i]`` holds ``(chosen, rejected)`` of example ``i``; the
-    batch iterator attaches them to each batch, so training runs one policy
-    pass per step.
-    """
-
-    def __init__(self, examples, reference_logps: np.ndarray):
-        super().__init__(examples)
-        self.reference_logps = reference_logps
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -156,7 +144,7 @@ def cached_reference(
     batch_size: int,
     pad_id: int = 0,
     show_progress: bool = True,
-) -> WithReference:
+) -> Dataset:
     """Load this split's reference log-probs from ``cache_dir`` or compute and save them.
 
     The file name carries a hash of the reference weights and of the tokenized
@@ -167,7 +155,7 @@ def cached_reference(
     path = Path(cache_dir) / f"{split}-{key}.safetensors"
     if path.is_file():
         print(f"Reference log-probs for {split}: reusing {path}")
-        return WithReference(examples, np.array(mx.load(str(path))["reference_logps"]))
+        return as_dataset(examples).with_fields(reference_logps=np.array(mx.load(str(path))["reference_logps"]))
     from tqdm import tqdm
 
     bar = tqdm(total=len(examples), desc=f"Reference log-probs ({split})", unit="ex", disable=not show_progress)
@@ -179,4 +167,4 @@ def cached_reference(
         mx.save_safetensors(str(tmp), {"reference_logps": mx.array(values)})
         os.replace(tmp, path)
         print(f"Reference log-probs for {split}: saved {path}")
-    return WithReference(examples, values)
+    return as_dataset(examples).with_fields(reference_logps=values)
