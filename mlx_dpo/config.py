@@ -18,8 +18,11 @@ from mlx_lm.lora import CONFIG_DEFAULTS as MLX_LM_DEFAULTS
 from mlx_lm.lora import build_parser as mlx_lm_parser
 from mlx_lm.lora import yaml_loader  # SafeLoader that also reads 1e-5 as a float
 
-LOSS_TYPES = ("sft", "dpo")
+from .data import DATA_FORMATS, DATA_OPTION_KEYS  # noqa: E402
+from .objectives import LOSS_TYPES, check_combination  # noqa: E402
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HUB_SPLIT_KEYS = ("train_split", "valid_split", "test_split")
 
 DEFAULTS: dict[str, Any] = {
     **MLX_LM_DEFAULTS,
@@ -35,6 +38,17 @@ DEFAULTS: dict[str, Any] = {
     "label_smoothing": 0.0,
     "reference_model": None,
     "compile": True,
+    # The family of objectives (see losses.py for each formula).
+    "loss_weights": None,
+    "gamma": 0.5,
+    "tau": 0.05,
+    "cpo_alpha": 1.0,
+    "desirable_weight": 1.0,
+    "undesirable_weight": 1.0,
+    # Data layouts.
+    "data_format": "auto",
+    **{k: None for k in DATA_OPTION_KEYS},
+    **{k: None for k in HUB_SPLIT_KEYS},
     # Speed and memory.
     "dtype": "auto",
     "precompute_reference": False,
@@ -100,7 +114,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trust_remote_code": (lambda v: isinstance(v, bool), "true or false"),
     "config": (_opt(lambda v: isinstance(v, str)), "a path"),
     "hf_dataset": (_opt(lambda v: isinstance(v, (dict, list))), "a mapping or a list of mappings"),
-    "loss_type": (lambda v: v in LOSS_TYPES, "one of " + ", ".join(LOSS_TYPES)),
+    "loss_type": (
+        lambda v: v in LOSS_TYPES or (isinstance(v, list) and v and all(t in LOSS_TYPES for t in v)),
+        "one of " + ", ".join(LOSS_TYPES) + ", or a list of them",
+    ),
+    "loss_weights": (_opt(lambda v: isinstance(v, list) and all(_is_num(w) for w in v)), "a list of numbers, one per loss type"),
+    "gamma": (_is_num, "a number (SimPO's target reward margin)"),
+    "tau": (lambda v: _is_num(v) and v > 0, "a number > 0 (DiscoPOP's temperature)"),
+    "cpo_alpha": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
+    "desirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "undesirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "data_format": (lambda v: v in DATA_FORMATS, "one of " + ", ".join(DATA_FORMATS)),
     "beta": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "reference_model": (_opt(lambda v: isinstance(v, str) and v != ""), "a hub id or a local path"),
@@ -110,8 +134,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pad_to_multiple": (lambda v: _is_int(v) and v > 0, "a positive integer (1: pad to the batch maximum)"),
     "logits_chunk_size": (_opt(lambda v: _is_int(v) and v >= 0), "a non-negative integer (0: off; unset: auto)"),
 }
-for _k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature"):
-    RULES[_k] = (_opt(lambda v: isinstance(v, str)), "a field name")
+for _k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature", *DATA_OPTION_KEYS, *HUB_SPLIT_KEYS):
+    RULES[_k] = (_opt(lambda v: isinstance(v, str)), "a string")
 
 
 def validate(cfg: dict[str, Any]) -> None:
@@ -135,6 +159,11 @@ def validate(cfg: dict[str, Any]) -> None:
     ):
         if key in lora and not check(lora[key]):
             raise ConfigError(f"invalid value for 'lora_parameters.{key}': {lora[key]!r} (expected {want})")
+    if "loss_type" in cfg or "loss_weights" in cfg:
+        try:
+            check_combination(cfg.get("loss_type", DEFAULTS["loss_type"]), cfg.get("loss_weights"))
+        except ValueError as e:
+            raise ConfigError(f"invalid value for 'loss_type': {e}") from None
     for key in cfg.get("lr_schedule") or {}:
         if key not in LR_SCHEDULE_KEYS:
             raise ConfigError(f"unknown key 'lr_schedule.{key}'{_closest(key, LR_SCHEDULE_KEYS)}")
@@ -144,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's LoRA flags, plus the preference ones; every default is None so the file wins."""
     parser = mlx_lm_parser()
     parser.description = "LoRA, DoRA or full fine-tuning with DPO or SFT in MLX."
-    parser.add_argument("--loss-type", type=str, choices=LOSS_TYPES, help="Training objective (default: dpo).")
+    parser.add_argument("--loss-type", type=str, choices=LOSS_TYPES, help="Training objective (default: dpo); a list only in the YAML file.")
+    parser.add_argument("--data-format", type=str, help="Dataset layout (default: auto-detect per file).")
     parser.add_argument("--beta", type=float, help="DPO temperature β (default: 0.1).")
     parser.add_argument("--label-smoothing", type=float, help="Conservative DPO ε in [0, 0.5) (default: 0).")
     parser.add_argument("--reference-model", type=str, help="Separate frozen reference model (default: the policy without adapters).")

@@ -1,29 +1,89 @@
-"""Preference and SFT data: read records, find the prompt, tokenize.
+"""Preference, KTO and SFT data: read records, find the prompt, tokenize.
 
 Everything here works on plain Python lists of token ids; batching into MLX
 arrays is the trainer's job. A preference example is a pair of sequences that
 share a prompt, each stored as ``(tokens, offset)`` where ``offset`` is the
 index of the first response token, the same convention mlx-lm's datasets use
 for ``mask_prompt``.
+
+Records come in many layouts (TRL's, axolotl's, Nectar's, or a user mapping).
+Each is normalized to one of three canonical forms before tokenization: a
+text prompt with text responses, a message-list prompt with message-list
+responses, or two full transcripts whose shared beginning is the prompt
+(implicit).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import string
 import types
 import weakref
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
+
+import numpy as np
 
 Sequence = tuple[list[int], int]  # (prompt + response token ids, index of first response token)
-Example = tuple[Sequence, ...]  # (chosen, rejected) for preference pairs; (seq,) for sft
+Example = tuple[Sequence, ...]  # (chosen, rejected) for preference pairs; (seq, kl_seq) for KTO; (seq,) for sft
+
+# Values of ``data_format``: ``auto`` detects the layout from each file's first record.
+DATA_FORMATS = (
+    "auto",
+    "standard",
+    "conversational",
+    "implicit",
+    "chatml.intel",
+    "argilla",
+    "argilla_chat",
+    "icr",
+    "prompt_pairs",
+    "ultra",
+    "nectar",
+    "custom",
+    "kto",
+)
+
+# Per-format options, passed to build_pairs / build_kto / load_datasets as ``options``.
+DATA_OPTION_KEYS = (
+    "nectar_pairs",
+    "field_prompt",
+    "field_system",
+    "field_chosen",
+    "field_rejected",
+    "field_completion",
+    "field_label",
+    "prompt_format",
+)
+
+NECTAR_PAIRINGS = ("best_vs_others", "adjacent")
 
 LAYOUTS = {
     "standard": "{prompt: str, chosen: str, rejected: str, system?: str}",
-    "conversational": "{prompt: [messages], chosen: [messages], rejected: [messages]}",
+    "conversational": "{prompt: [messages], chosen: [messages], rejected: [messages], system?: str}",
     "implicit": "{chosen, rejected}: two full transcripts (both str or both [messages]) sharing a prompt",
+    "chatml.intel": "{question: str, chosen: str, rejected: str, system?: str}",
+    "argilla": "{instruction: str, chosen_response: str, rejected_response: str, system?: str}",
+    "argilla_chat": "{chosen: [messages], rejected: [messages]} sharing the leading user turns",
+    "icr": "{input: str, chosen: str, rejected: str, system?: str}",
+    "prompt_pairs": "{prompt: str, chosen: str, rejected: str} (as standard)",
+    "ultra": (
+        "{prompt: str, chosen: [messages], rejected: [messages], system?: str}, the lists starting "
+        "with the user turn or holding only the reply"
+    ),
+    "nectar": "{prompt: str or [messages], answers: [{answer: str, rank: number}, ...]}, lower rank better",
+    "custom": (
+        "fields named by the options field_prompt, field_system, field_chosen, field_rejected "
+        "(KTO: field_completion, field_label), prompt shaped by prompt_format"
+    ),
+    "kto": (
+        "{prompt, completion, label: bool, system?: str} (prompt and completion both str or both "
+        "[messages]); question, instruction or input may stand for prompt"
+    ),
 }
+CONFIDENCE_NOTE = "any paired layout may add confidence: float in [0.5, 1]"
 
 # Where an assistant turn starts in a plain-text transcript. The prompt of an
 # implicit pair ends right after the last one the two transcripts share.
@@ -35,6 +95,29 @@ ASSISTANT_MARKERS = (
     "[/INST]",
     "### Response:",
 )
+
+# Text layouts: the prompt field and the (chosen, rejected) fields.
+_TEXT_PROMPT = {
+    "standard": "prompt",
+    "prompt_pairs": "prompt",
+    "chatml.intel": "question",
+    "icr": "input",
+    "argilla": "instruction",
+}
+_RESPONSES = {"argilla": ("chosen_response", "rejected_response")}
+_PROMPT_KEYS = ("prompt", "question", "instruction", "input")
+# Layouts that also have an unpaired (KTO) variant, and the prompt fields it may use.
+_UNPAIRED_PROMPT = {
+    "kto": _PROMPT_KEYS,
+    "standard": ("prompt",),
+    "prompt_pairs": ("prompt",),
+    "conversational": ("prompt",),
+    "chatml.intel": ("question",),
+    "argilla": ("instruction",),
+    "icr": ("input",),
+}
+# The order auto-detection tries the paired layouts in (implicit comes last).
+_DETECT_ORDER = ("standard", "conversational", "ultra", "chatml.intel", "icr", "argilla")
 
 
 class Dataset(list):
@@ -63,6 +146,9 @@ class DataError(ValueError):
     """A dataset that cannot be used as given; the message says where and why."""
 
 
+# ------------------------------------------------------------------ reading
+
+
 def load_records(path: Path) -> list[dict]:
     """Read a ``.jsonl`` file, one record per line.
 
@@ -85,31 +171,97 @@ def load_records(path: Path) -> list[dict]:
     return records
 
 
-def load_split_records(data: str, split: str) -> list[dict] | None:
+def load_json_records(path: Path) -> list[dict]:
+    """Read a ``.json`` file: a JSON list of records, or JSON lines."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
+        return load_records(path)  # JSON lines, with per-line errors
+    if isinstance(data, dict):
+        return [data]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    for n, record in enumerate(data, 1):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {n}: expected a JSON object, got {type(record).__name__}")
+    return data
+
+
+def load_parquet_records(path: Path) -> list[dict]:
+    """Read a ``.parquet`` file with pyarrow (an optional dependency)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading parquet files needs pyarrow: pip install pyarrow") from None
+    try:
+        return pq.read_table(str(path)).to_pylist()
+    except Exception as e:  # pyarrow raises its own error types
+        raise DataError(f"{path}: cannot read parquet ({e})") from None
+
+
+_READERS = {".jsonl": load_records, ".json": load_json_records, ".parquet": load_parquet_records}
+
+
+def _hub_split_names(split: str, train_split, valid_split, test_split) -> tuple[tuple[str, ...], bool]:
+    """Hub split names to try for ``split``, and whether the user named them."""
+    chosen = {"train": train_split, "valid": valid_split, "test": test_split}.get(split)
+    if chosen:
+        return (chosen,), True
+    defaults = {"train": ("train",), "valid": ("validation", "valid", "test"), "test": ("test",)}
+    return defaults.get(split, (split,)), False
+
+
+def load_split_records(
+    data: str,
+    split: str,
+    *,
+    train_split: Optional[str] = None,
+    valid_split: Optional[str] = None,
+    test_split: Optional[str] = None,
+) -> list[dict] | None:
     """Records of one split from a local folder or a Hugging Face dataset id.
 
-    A local folder holds ``{split}.jsonl``; anything else is looked up on the
-    Hub, where ``valid`` also matches the more common ``validation``.
-    Returns None when the split does not exist.
+    A local folder holds ``{split}.jsonl``, ``{split}.json`` (a list of
+    records or JSON lines) or ``{split}.parquet``. Anything else is looked up
+    on the Hub: ``train_split``/``valid_split``/``test_split`` name the hub
+    splits (``train[:1000]`` slices work); unnamed, ``train`` and ``test`` are
+    used as they are, and ``valid`` is the first of ``validation``, ``valid``,
+    ``test`` that exists. Returns None when the split does not exist; a split
+    named explicitly that does not exist is an error.
     """
     path = Path(data).expanduser()
     if path.is_dir():
-        file = path / f"{split}.jsonl"
-        return load_records(file) if file.exists() else None
+        files = [path / f"{split}{ext}" for ext in _READERS if (path / f"{split}{ext}").exists()]
+        if len(files) > 1:
+            raise DataError(f"{data}: several files for the {split} split ({', '.join(f.name for f in files)}); keep one")
+        return _READERS[files[0].suffix](files[0]) if files else None
     if path.exists() or data.startswith((".", "/", "~")):
-        raise DataError(f"{data}: expected a folder with train/valid/test.jsonl or a Hugging Face dataset id")
+        raise DataError(
+            f"{data}: expected a folder with train/valid/test .jsonl, .json or .parquet files, "
+            "or a Hugging Face dataset id"
+        )
     try:
         from datasets import get_dataset_split_names, load_dataset
     except ImportError:
         raise DataError(
-            f"{data!r} is not a local folder; loading it from the Hugging Face Hub "
-            "needs the datasets package: pip install datasets"
+            f"{data!r} is not a local folder; loading it from the Hub needs the datasets package: "
+            "pip install datasets"
         ) from None
+    names, explicit = _hub_split_names(split, train_split, valid_split, test_split)
     available = get_dataset_split_names(data)
-    for name in (split, "validation") if split == "valid" else (split,):
-        if name in available:
+    for name in names:
+        if name.split("[", 1)[0] in available:
             return [dict(row) for row in load_dataset(data, split=name)]
+    if explicit:
+        raise DataError(f"{data}: no split {names[0]!r} on the Hub; it has {', '.join(available)}")
     return None
+
+
+# ------------------------------------------------------------------ layouts
 
 
 def _is_messages(value) -> bool:
@@ -120,27 +272,344 @@ def _is_messages(value) -> bool:
     )
 
 
+def _is_system(value) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _both(a, b) -> Optional[str]:
+    """``text`` or ``messages`` if both values are of that kind, else None."""
+    if isinstance(a, str) and isinstance(b, str):
+        return "text"
+    if _is_messages(a) and _is_messages(b):
+        return "messages"
+    return None
+
+
 def _describe(record: dict) -> str:
     return ", ".join(f"{k} ({type(v).__name__})" for k, v in record.items()) or "none"
 
 
-def detect_format(record: dict) -> str:
-    """Which preference layout a record uses: standard, conversational or implicit."""
-    chosen, rejected = record.get("chosen"), record.get("rejected")
+def _known_layouts() -> str:
+    return "; ".join(f"{name} {fields}" for name, fields in LAYOUTS.items()) + f" ({CONFIDENCE_NOTE})"
+
+
+def _check_format(data_format: str) -> str:
+    if data_format not in DATA_FORMATS:
+        raise DataError(f"unknown data_format {data_format!r}; expected one of {', '.join(DATA_FORMATS)}")
+    return data_format
+
+
+def _check_options(options: Optional[dict]) -> dict:
+    """The set (non-None) options, checked."""
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    unknown = sorted(set(opts) - set(DATA_OPTION_KEYS))
+    if unknown:
+        raise DataError(f"unknown data option(s) {', '.join(unknown)}; expected {', '.join(DATA_OPTION_KEYS)}")
+    for key, value in opts.items():
+        if not isinstance(value, str) or not value:
+            raise DataError(f"data option {key} must be a non-empty string, got {value!r}")
+    if opts.get("nectar_pairs", NECTAR_PAIRINGS[0]) not in NECTAR_PAIRINGS:
+        raise DataError(f"nectar_pairs must be one of {', '.join(NECTAR_PAIRINGS)}, got {opts['nectar_pairs']!r}")
+    if "prompt_format" in opts:
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(opts["prompt_format"]) if f is not None}
+        except ValueError as e:
+            raise DataError(f"prompt_format {opts['prompt_format']!r} is not a valid format string ({e})") from None
+        if not names <= {"prompt", "system"} or "prompt" not in names:
+            raise DataError(
+                f"prompt_format {opts['prompt_format']!r} must use {{prompt}} and may use {{system}}; "
+                f"it uses {', '.join('{' + n + '}' for n in sorted(names)) or 'no field'}"
+            )
+    return opts
+
+
+def _wants_custom(opts: dict) -> bool:
+    return any(k != "nectar_pairs" for k in opts)
+
+
+def _custom_names(opts: dict) -> dict:
+    keys = ("prompt", "system", "chosen", "rejected", "completion", "label")
+    return {k: opts.get(f"field_{k}") or k for k in keys}
+
+
+def _matches(fmt: str, record: dict, opts: dict) -> bool:
+    """Whether ``record`` has the paired layout ``fmt``."""
+    if fmt == "custom":
+        names = _custom_names(opts)
+        return names["chosen"] in record and names["rejected"] in record
+    if not _is_system(record.get("system")):
+        return False
+    get = record.get
+    if fmt in _TEXT_PROMPT:
+        chosen, rejected = _RESPONSES.get(fmt, ("chosen", "rejected"))
+        return all(isinstance(get(k), str) for k in (_TEXT_PROMPT[fmt], chosen, rejected))
+    if fmt == "conversational":
+        return all(_is_messages(get(k)) for k in ("prompt", "chosen", "rejected"))
+    if fmt == "implicit":
+        return _both(get("chosen"), get("rejected")) is not None
+    if fmt == "argilla_chat":
+        return _both(get("chosen"), get("rejected")) == "messages"
+    if fmt == "ultra":
+        return isinstance(get("prompt"), str) and _both(get("chosen"), get("rejected")) == "messages"
+    if fmt == "nectar":
+        return isinstance(get("answers"), list) and (isinstance(get("prompt"), str) or _is_messages(get("prompt")))
+    return False
+
+
+def _unpaired_prompt_key(fmt: str, record: dict, opts: dict) -> Optional[str]:
+    """The prompt field if ``record`` is an unpaired (KTO) example of ``fmt``, else None."""
+    if fmt == "custom":
+        names = _custom_names(opts)
+        return names["prompt"] if names["completion"] in record and names["label"] in record else None
+    if fmt not in _UNPAIRED_PROMPT or "completion" not in record or "label" not in record:
+        return None
+    if not _is_system(record.get("system")):
+        return None
+    want = {"kto": ("text", "messages"), "conversational": ("messages",)}.get(fmt, ("text",))
+    for key in _UNPAIRED_PROMPT[fmt]:
+        if key in record:
+            return key if _both(record[key], record["completion"]) in want else None
+    return None
+
+
+def detect_format(record: dict, options: Optional[dict] = None) -> str:
+    """Which layout a record uses: a name from ``DATA_FORMATS`` (``kto`` for unpaired examples).
+
+    Any field mapping or ``prompt_format`` in ``options`` means ``custom``;
+    TRL's message-list transcripts (axolotl's ``argilla_chat``) are ``implicit``
+    and ``prompt_pairs`` is ``standard``.
+    """
+    opts = _check_options(options)
+    if _wants_custom(opts):
+        return "custom"
+    if _matches("nectar", record, opts):
+        return "nectar"
+    if _unpaired_prompt_key("kto", record, opts):
+        return "kto"
+    for fmt in _DETECT_ORDER:
+        if _matches(fmt, record, opts):
+            return fmt
+    if not any(k in record for k in _PROMPT_KEYS) and _matches("implicit", record, opts):
+        return "implicit"
+    raise DataError(f"unrecognised record layout; fields seen: {_describe(record)}. Known layouts: {_known_layouts()}")
+
+
+def _mismatch(fmt: str, record: dict, opts: dict, unpaired_too: bool = False) -> DataError:
+    want = LAYOUTS[fmt]
+    if fmt == "custom":
+        n = _custom_names(opts)
+        want = f"{{{n['prompt']}?, {n['chosen']}, {n['rejected']}, {n['system']}?}}"
+        if unpaired_too:
+            want += f" or unpaired {{{n['prompt']}, {n['completion']}, {n['label']}, {n['system']}?}}"
+    elif unpaired_too and fmt in _UNPAIRED_PROMPT and fmt != "kto":
+        want += ", or its unpaired form with completion and label in place of the responses"
+    return DataError(f"record does not match data_format {fmt!r} {want}; fields seen: {_describe(record)}")
+
+
+def _resolve(record: dict, data_format: str, first: Optional[str], opts: dict, unpaired_ok: bool) -> tuple[str, bool]:
+    """``(layout, unpaired)`` of one record, checked against the forced or the first layout."""
+    if data_format != "auto":
+        if unpaired_ok and _unpaired_prompt_key(data_format, record, opts) is not None:
+            return data_format, True
+        if data_format != "kto" and _matches(data_format, record, opts):
+            return data_format, False
+        if data_format == "kto" and not unpaired_ok:
+            raise DataError("data_format 'kto' is unpaired data (prompt, completion, label): it needs loss_type kto")
+        raise _mismatch(data_format, record, opts, unpaired_ok)
+    fmt = first
+    if fmt is None or not _fits(fmt, record, opts):
+        fmt = detect_format(record, opts)
+        if first is not None and fmt != first:
+            raise DataError(f"{fmt} layout, but line 1 is {first}; all records must share one layout")
+    if fmt == "kto" and not unpaired_ok:
+        raise DataError(
+            "unpaired records (prompt, completion, label) are KTO data: set loss_type kto, "
+            f"or give pairs ({_known_layouts()})"
+        )
+    unpaired = fmt == "kto" or (fmt == "custom" and unpaired_ok and _unpaired_prompt_key(fmt, record, opts) is not None)
+    return fmt, unpaired
+
+
+def _fits(fmt: str, record: dict, opts: dict) -> bool:
+    """Whether a record has the auto-detected layout ``fmt`` of the file's first record."""
+    if fmt == "kto":
+        return _unpaired_prompt_key(fmt, record, opts) is not None
+    return fmt == "custom" or _matches(fmt, record, opts)
+
+
+# ------------------------------------------------------------ normalization
+
+
+class _Canon(NamedTuple):
+    """One pair in canonical form: ``prompt`` None means two implicit transcripts."""
+
+    prompt: object
+    chosen: object
+    rejected: object
+    system: Optional[str]
+    require_prompt: bool = True
+
+
+def _text_answer(prompt: str, answer: str) -> str:
+    """Nectar answers follow an hh prompt ending in 'Assistant:' after a space, as HH responses do."""
+    if prompt.endswith("Assistant:") and answer and not answer[0].isspace():
+        return " " + answer
+    return answer
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _nectar(record: dict, opts: dict) -> tuple[Optional[list[_Canon]], int]:
+    """The pairs of a Nectar record and how many tied pairs were skipped (None: < 2 answers)."""
+    prompt, system = record["prompt"], record.get("system")
+    answers = record["answers"]
+    for k, a in enumerate(answers):
+        if not (isinstance(a, dict) and isinstance(a.get("answer"), str) and _number(a.get("rank"))):
+            got = _describe(a) if isinstance(a, dict) else type(a).__name__
+            raise DataError(f"nectar answers[{k}] must be {{answer: str, rank: number}}; got {got}")
+    if len(answers) < 2:
+        return None, 0
+    ranked = sorted(answers, key=lambda a: a["rank"])  # stable: ties keep their order
+    if opts.get("nectar_pairs", "best_vs_others") == "adjacent":
+        pairs = list(zip(ranked, ranked[1:]))
+    else:
+        pairs = [(ranked[0], a) for a in ranked[1:]]
+    kept = [(good, bad) for good, bad in pairs if good["rank"] < bad["rank"]]
+
+    def response(a):
+        if isinstance(prompt, str):
+            return _text_answer(prompt, a["answer"])
+        return [{"role": "assistant", "content": a["answer"]}]
+
+    canons = [_Canon(prompt, response(good), response(bad), system) for good, bad in kept]
+    return canons, len(pairs) - len(kept)
+
+
+def _ultra(record: dict) -> _Canon:
+    prompt, chosen, rejected, system = record["prompt"], record["chosen"], record["rejected"], record.get("system")
+    user = [{"role": "user", "content": prompt}]
+    if chosen == rejected:
+        return _Canon(user, chosen, rejected, system)
+    if chosen[0] == rejected[0]:
+        shared, chosen, rejected = split_implicit_prompt(chosen, rejected)
+        return _Canon(shared, chosen, rejected, system)
+    if chosen[0].get("role") == "assistant" and rejected[0].get("role") == "assistant":
+        return _Canon(user, chosen, rejected, system)
+    raise DataError(
+        "ultra chosen and rejected must start with the same user message, or hold only the assistant reply"
+    )
+
+
+def _custom_prompt(record: dict, opts: dict, names: dict, required: bool) -> tuple[object, Optional[str]]:
+    """The mapped prompt (prompt_format applied) and system; prompt None if absent and not required."""
+    system = record.get(names["system"])
+    if not _is_system(system):
+        raise DataError(f"custom field {names['system']!r} (system) must be a string, got {type(system).__name__}")
+    fmt = opts.get("prompt_format")
+    if names["prompt"] not in record:
+        if required or "field_prompt" in opts or fmt:
+            raise DataError(f"custom layout: no prompt field {names['prompt']!r}; fields seen: {_describe(record)}")
+        return None, system
+    prompt = record[names["prompt"]]
+    if isinstance(prompt, str):
+        if fmt:
+            uses_system = any(f == "system" for _, f, _, _ in string.Formatter().parse(fmt))
+            prompt = fmt.format(prompt=prompt, system=system or "")
+            if uses_system:
+                system = None  # placed by the format, not prepended again
+        return prompt, system
+    if _is_messages(prompt):
+        if fmt:
+            raise DataError("prompt_format applies to text prompts; this prompt is a message list")
+        return prompt, system
+    raise DataError(f"custom prompt field {names['prompt']!r} must be a string or a message list, got {type(prompt).__name__}")
+
+
+def _custom_pair(record: dict, opts: dict) -> _Canon:
+    names = _custom_names(opts)
+    chosen, rejected = record[names["chosen"]], record[names["rejected"]]
+    kind = _both(chosen, rejected)
+    if kind is None:
+        raise DataError(
+            f"custom fields {names['chosen']!r} and {names['rejected']!r} must both be strings or both "
+            f"message lists; got {type(chosen).__name__} and {type(rejected).__name__}"
+        )
+    prompt, system = _custom_prompt(record, opts, names, required=False)
+    if prompt is None:
+        return _Canon(None, chosen, rejected, system, require_prompt=False)
+    if (kind == "text") != isinstance(prompt, str):
+        raise DataError("custom prompt and responses must both be text or both message lists")
+    return _Canon(prompt, chosen, rejected, system)
+
+
+def _normalize_pair(record: dict, fmt: str, opts: dict) -> _Canon:
+    """The canonical pair of a record of paired layout ``fmt`` (not nectar)."""
+    if not _matches(fmt, record, opts):
+        raise _mismatch(fmt, record, opts)
     system = record.get("system")
-    if system is None or isinstance(system, str):
-        if "prompt" in record:
-            prompt = record["prompt"]
-            if all(isinstance(x, str) for x in (prompt, chosen, rejected)):
-                return "standard"
-            if all(_is_messages(x) for x in (prompt, chosen, rejected)):
-                return "conversational"
-        elif isinstance(chosen, str) and isinstance(rejected, str):
-            return "implicit"
-        elif _is_messages(chosen) and _is_messages(rejected):
-            return "implicit"
-    known = "; ".join(f"{name} {fields}" for name, fields in LAYOUTS.items())
-    raise DataError(f"unrecognised record layout; fields seen: {_describe(record)}. Known layouts: {known}")
+    if fmt in _TEXT_PROMPT:
+        c, r = _RESPONSES.get(fmt, ("chosen", "rejected"))
+        return _Canon(record[_TEXT_PROMPT[fmt]], record[c], record[r], system)
+    if fmt == "conversational":
+        return _Canon(record["prompt"], record["chosen"], record["rejected"], system)
+    if fmt in ("implicit", "argilla_chat"):
+        return _Canon(None, record["chosen"], record["rejected"], system, require_prompt=False)
+    if fmt == "ultra":
+        return _ultra(record)
+    if fmt == "custom":
+        return _custom_pair(record, opts)
+    raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(DATA_FORMATS)}")
+
+
+def _pairs_of(record: dict, fmt: str, opts: dict) -> tuple[Optional[list[_Canon]], int]:
+    """All canonical pairs of a record (None: a Nectar record with too few answers), tied pairs skipped."""
+    if fmt == "nectar":
+        if not _matches(fmt, record, opts):
+            raise _mismatch(fmt, record, opts)
+        return _nectar(record, opts)
+    return [_normalize_pair(record, fmt, opts)], 0
+
+
+def _split(canon: _Canon) -> tuple:
+    """``(prompt, chosen, rejected)`` with implicit transcripts split."""
+    if canon.prompt is None:
+        return split_implicit_prompt(canon.chosen, canon.rejected)
+    return canon.prompt, canon.chosen, canon.rejected
+
+
+def _confidence(record: dict) -> Optional[float]:
+    value = record.get("confidence")
+    if value is None:
+        return None
+    if not (_number(value) and 0.5 <= value <= 1.0):
+        raise DataError(f"confidence must be a number in [0.5, 1] (the probability that chosen is better), got {value!r}")
+    return float(value)
+
+
+def _label(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise DataError(f"label must be true or false, got {value!r}")
+
+
+def _unpaired(record: dict, fmt: str, opts: dict) -> tuple:
+    """``(prompt, completion, system, label)`` of an unpaired (KTO) record."""
+    if fmt == "custom":
+        names = _custom_names(opts)
+        completion = record[names["completion"]]
+        prompt, system = _custom_prompt(record, opts, names, required=True)
+        if _both(prompt, completion) is None:
+            raise DataError(
+                f"custom prompt and completion must both be strings or both message lists; got "
+                f"{type(prompt).__name__} and {type(completion).__name__}"
+            )
+        return prompt, completion, system, _label(record[names["label"]])
+    key = _unpaired_prompt_key(fmt, record, opts)
+    return record[key], record["completion"], record.get("system"), _label(record["label"])
 
 
 def _text_prompt_end(common: str) -> int:
@@ -174,6 +643,8 @@ def split_implicit_prompt(chosen, rejected) -> tuple:
         raise DataError("implicit chosen or rejected has no messages after the shared prompt")
     return chosen[:n], chosen[n:], rejected[n:]
 
+
+# ------------------------------------------------------------- tokenization
 
 _BOS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -253,70 +724,195 @@ def _tokenize_messages(prompt: list, responses: tuple, tokenizer) -> tuple:
     return tuple(out)
 
 
-def tokenize_pair(record: dict, tokenizer, fmt: str) -> tuple[list[int], list[int], list[int]]:
-    """Token ids ``(prompt, chosen, rejected)`` of one preference record.
-
-    Responses end in exactly one EOS; the prompt starts with BOS only where
-    the tokenizer (or its chat template) would add one itself.
-    """
-    if fmt == "implicit":
-        prompt, chosen, rejected = split_implicit_prompt(record["chosen"], record["rejected"])
-    elif fmt in ("standard", "conversational"):
-        prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
-    else:
-        raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(LAYOUTS)}")
-    _check_response(chosen, "chosen")
-    _check_response(rejected, "rejected")
-    system = record.get("system")
+def _tokenize_parts(prompt, responses: tuple, names: tuple, system, tokenizer, require_prompt: bool = True) -> tuple:
+    """Token ids ``(prompt, *responses)``: text with the system text before the
+    prompt, or message lists with the system as the first message."""
+    for response, name in zip(responses, names):
+        _check_response(response, name)
     if isinstance(prompt, str):
+        if not all(isinstance(r, str) for r in responses):
+            raise DataError("a text prompt needs text responses")
         if system:
             prompt = system + "\n\n" + prompt
-        if fmt == "standard" and not prompt:
+        if require_prompt and not prompt:
             raise DataError("empty prompt")
-        return _tokenize_text(prompt, (chosen, rejected), tokenizer)
+        return _tokenize_text(prompt, responses, tokenizer)
+    if not all(isinstance(r, list) for r in responses):
+        raise DataError("a message-list prompt needs message-list responses")
     if system and prompt[0].get("role") != "system":
         prompt = [{"role": "system", "content": system}] + prompt
-    return _tokenize_messages(prompt, (chosen, rejected), tokenizer)
+    return _tokenize_messages(prompt, responses, tokenizer)
 
 
-def build_pairs(records: list[dict], tokenizer, max_seq_length: int) -> tuple[list[Example], dict]:
+def _tokenize_canon(canon: _Canon, tokenizer) -> tuple:
+    prompt, chosen, rejected = _split(canon)
+    return _tokenize_parts(prompt, (chosen, rejected), ("chosen", "rejected"), canon.system, tokenizer, canon.require_prompt)
+
+
+def tokenize_pair(
+    record: dict, tokenizer, fmt: str, options: Optional[dict] = None
+) -> tuple[list[int], list[int], list[int]]:
+    """Token ids ``(prompt, chosen, rejected)`` of one preference record of layout ``fmt``.
+
+    Responses end in exactly one EOS; the prompt starts with BOS only where
+    the tokenizer (or its chat template) would add one itself. A Nectar
+    record holds several pairs: use ``build_pairs``.
+    """
+    opts = _check_options(options)
+    if fmt == "auto":
+        fmt = detect_format(record, opts)
+    if fmt not in DATA_FORMATS or fmt in ("nectar", "kto"):
+        raise DataError(f"tokenize_pair takes one pair of a paired layout, not {fmt!r}; see build_pairs/build_kto")
+    return _tokenize_canon(_normalize_pair(record, fmt, opts), tokenizer)
+
+
+# ------------------------------------------------------------------ builders
+
+
+def build_pairs(
+    records: list[dict],
+    tokenizer,
+    max_seq_length: int,
+    data_format: str = "auto",
+    options: Optional[dict] = None,
+) -> tuple[Dataset, dict]:
     """Tokenize preference records into ``((chosen, offset), (rejected, offset))`` pairs.
 
-    Sequences are cut to ``max_seq_length``; a pair is dropped when its prompt
-    alone fills that length (no response token would be left to score) or when
-    chosen and rejected are the same (it carries no preference).
-    ``truncated`` counts pairs with at least one cut sequence.
+    ``data_format`` names the layout (``auto``: detected from line 1, every
+    record must share it); ``options`` holds the per-format options
+    (``DATA_OPTION_KEYS``). Sequences are cut to ``max_seq_length``; a pair is
+    dropped when its prompt alone fills that length (no response token would
+    be left to score) or when chosen and rejected are the same (it carries no
+    preference). ``truncated`` counts pairs with at least one cut sequence.
+    Nectar records add ``dropped_few_answers`` (records with fewer than two
+    answers) and ``dropped_tied`` (pairs of equal rank) to the stats. Records
+    with a ``confidence`` give the Dataset a float32 ``confidence`` field
+    (1.0 where a record has none).
     """
+    data_format = _check_format(data_format)
+    opts = _check_options(options)
     stats = {"pairs": 0, "truncated": 0, "dropped_long_prompt": 0, "dropped_identical": 0}
-    pairs = []
-    first_fmt = None
+    pairs, confidences = [], []
+    has_confidence = False
+    first = None
     for line, record in enumerate(records, 1):
         try:
-            fmt = detect_format(record)
-            if first_fmt is None:
-                first_fmt = fmt
-            elif fmt != first_fmt:
-                raise DataError(
-                    f"{fmt} layout, but line 1 is {first_fmt}; all records must share one layout"
-                )
-            if record["chosen"] == record["rejected"]:
-                stats["dropped_identical"] += 1
-                continue
-            prompt, chosen, rejected = tokenize_pair(record, tokenizer, fmt)
+            fmt, _ = _resolve(record, data_format, first, opts, unpaired_ok=False)
+            first = first or fmt
+            canons, tied = _pairs_of(record, fmt, opts)
+            confidence = _confidence(record)
+            if fmt == "nectar":
+                stats.setdefault("dropped_few_answers", 0)
+                stats["dropped_tied"] = stats.get("dropped_tied", 0) + tied
+                if canons is None:
+                    stats["dropped_few_answers"] += 1
+                    continue
+            tokenized = []
+            for canon in canons:
+                if canon.chosen == canon.rejected:
+                    stats["dropped_identical"] += 1
+                    continue
+                tokenized.append(_tokenize_canon(canon, tokenizer))
         except DataError as e:
             raise DataError(f"line {line}: {e}") from None
-        if chosen == rejected:
-            stats["dropped_identical"] += 1
-            continue
-        if len(prompt) >= max_seq_length:
+        has_confidence = has_confidence or confidence is not None
+        for prompt, chosen, rejected in tokenized:
+            if chosen == rejected:
+                stats["dropped_identical"] += 1
+                continue
+            if len(prompt) >= max_seq_length:
+                stats["dropped_long_prompt"] += 1
+                continue
+            seqs = [prompt + chosen, prompt + rejected]
+            if any(len(s) > max_seq_length for s in seqs):
+                stats["truncated"] += 1
+            pairs.append(tuple((s[:max_seq_length], len(prompt)) for s in seqs))
+            confidences.append(1.0 if confidence is None else confidence)
+    stats["pairs"] = len(pairs)
+    fields = {"confidence": np.array(confidences, dtype=np.float32)} if has_confidence else {}
+    return Dataset(pairs, fields), stats
+
+
+def build_kto(
+    records: list[dict],
+    tokenizer,
+    max_seq_length: int,
+    data_format: str = "auto",
+    options: Optional[dict] = None,
+    seed: int = 0,
+) -> tuple[Dataset, dict]:
+    """Tokenize unpaired (KTO) records into ``((prompt+completion, offset), (prompt+other, offset))``.
+
+    Unpaired layouts (``{prompt, completion, label}`` and its question /
+    instruction / input variants) are read as they are; paired layouts are
+    unpaired, chosen labelled desirable and rejected undesirable (a pair whose
+    chosen equals its rejected is skipped, counted in ``dropped_identical``;
+    repeated answers of one Nectar record count once per label). The second
+    sequence of each example joins its prompt with the completion of the next
+    example in a seeded random order (cyclic), the mismatched pairs KTO's KL
+    baseline is estimated from. ``fields["label"]`` holds 1.0 (desirable) or
+    0.0 (undesirable). Examples whose prompt fills ``max_seq_length`` are
+    dropped; ``truncated`` counts examples with at least one cut sequence.
+    """
+    data_format = _check_format(data_format)
+    opts = _check_options(options)
+    stats = {"examples": 0, "desirable": 0, "undesirable": 0, "truncated": 0, "dropped_long_prompt": 0}
+    tokenized = []  # (prompt ids, completion ids, label)
+    first = None
+    for line, record in enumerate(records, 1):
+        try:
+            fmt, unpaired = _resolve(record, data_format, first, opts, unpaired_ok=True)
+            first = first or fmt
+            if unpaired:
+                prompt, completion, system, label = _unpaired(record, fmt, opts)
+                prompt_ids, completion_ids = _tokenize_parts(prompt, (completion,), ("completion",), system, tokenizer)
+                tokenized.append((prompt_ids, completion_ids, label))
+                continue
+            if not _matches(fmt, record, opts):
+                raise _mismatch(fmt, record, opts, unpaired_too=True)
+            stats.setdefault("dropped_identical", 0)
+            canons, _ = _pairs_of(record, fmt, opts)
+            if canons is None:
+                stats["dropped_few_answers"] = stats.get("dropped_few_answers", 0) + 1
+                continue
+            seen = set()
+            for canon in canons:
+                if canon.chosen == canon.rejected:
+                    stats["dropped_identical"] += 1
+                    continue
+                prompt_ids, chosen, rejected = _tokenize_canon(canon, tokenizer)
+                for ids, label in ((chosen, True), (rejected, False)):
+                    key = (tuple(prompt_ids), tuple(ids), label)
+                    if key not in seen:
+                        seen.add(key)
+                        tokenized.append((prompt_ids, ids, label))
+        except DataError as e:
+            raise DataError(f"line {line}: {e}") from None
+    kept = []
+    for prompt_ids, completion_ids, label in tokenized:
+        if len(prompt_ids) >= max_seq_length:
             stats["dropped_long_prompt"] += 1
-            continue
-        seqs = [prompt + chosen, prompt + rejected]
+        else:
+            kept.append((prompt_ids, completion_ids, label))
+    if len(kept) < 2:
+        raise DataError(
+            f"KTO needs at least 2 examples (each prompt is paired with another example's completion "
+            f"for the KL estimate); {len(kept)} left"
+        )
+    order = np.random.default_rng(seed).permutation(len(kept))
+    partner = np.empty(len(kept), dtype=np.int64)
+    partner[order] = np.roll(order, -1)
+    examples, labels = [], []
+    for i, (prompt_ids, completion_ids, label) in enumerate(kept):
+        seqs = [prompt_ids + completion_ids, prompt_ids + kept[partner[i]][1]]
         if any(len(s) > max_seq_length for s in seqs):
             stats["truncated"] += 1
-        pairs.append(tuple((s[:max_seq_length], len(prompt)) for s in seqs))
-    stats["pairs"] = len(pairs)
-    return pairs, stats
+        examples.append(tuple((s[:max_seq_length], len(prompt_ids)) for s in seqs))
+        labels.append(1.0 if label else 0.0)
+    stats["examples"] = len(examples)
+    stats["desirable"] = int(sum(labels))
+    stats["undesirable"] = len(labels) - stats["desirable"]
+    return Dataset(examples, {"label": np.array(labels, dtype=np.float32)}), stats
 
 
 def build_sft(
@@ -367,14 +963,28 @@ def sft_examples(dataset, max_seq_length: int, mask_prompt: bool) -> tuple[list[
 def _summary(split: str, stats: dict, max_seq_length: int) -> str:
     kind = "examples" if "examples" in stats else "pairs"
     notes = []
+    if "desirable" in stats:
+        notes.append(f"{stats['desirable']} desirable, {stats['undesirable']} undesirable")
     if stats["truncated"]:
         notes.append(f"{stats['truncated']} truncated to {max_seq_length} tokens")
     if stats.get("dropped_long_prompt"):
         notes.append(f"{stats['dropped_long_prompt']} dropped: prompt reaches max_seq_length")
     if stats.get("dropped_identical"):
         notes.append(f"{stats['dropped_identical']} dropped: chosen same as rejected")
+    if stats.get("dropped_few_answers"):
+        notes.append(f"{stats['dropped_few_answers']} records dropped: fewer than two answers")
+    if stats.get("dropped_tied"):
+        notes.append(f"{stats['dropped_tied']} pairs skipped: tied ranks")
     line = f"{split}: {stats[kind]} {kind}"
     return f"{line} ({', '.join(notes)})" if notes else line
+
+
+def _data_kind(loss_type) -> str:
+    """``sft``, ``kto`` or ``pairs``: what records the loss type reads."""
+    types_ = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if types_ and all(t == "sft" for t in types_):
+        return "sft"
+    return "kto" if "kto" in types_ else "pairs"
 
 
 def load_datasets(
@@ -384,24 +994,41 @@ def load_datasets(
     max_seq_length: int,
     mask_prompt: bool = False,
     splits=("train", "valid", "test"),
+    data_format: str = "auto",
+    options: Optional[dict] = None,
+    hub_splits: Optional[dict] = None,
+    seed: int = 0,
     **features,
 ) -> dict[str, list[Example] | None]:
     """Load and tokenize each split (None where it is missing).
 
     ``loss_type == "sft"`` reads mlx-lm SFT records (``features`` rename their
-    fields); any other loss reads preference pairs.
+    fields); ``kto`` reads unpaired examples (or unpairs pairs) with
+    ``build_kto``; any other loss reads preference pairs with ``build_pairs``.
+    ``data_format`` and ``options`` choose and configure the layout;
+    ``hub_splits`` maps ``train``/``valid``/``test`` (or ``train_split``/
+    ``valid_split``/``test_split``) to the split names of a hub dataset.
     """
+    names = {}
+    for key, value in (hub_splits or {}).items():
+        split_key = key if key.endswith("_split") else f"{key}_split"
+        if split_key not in ("train_split", "valid_split", "test_split"):
+            raise DataError(f"unknown hub split key {key!r}; expected train, valid or test")
+        names[split_key] = value
+    kind = _data_kind(loss_type)
     out = {}
     for split in splits:
-        records = load_split_records(data, split)
+        records = load_split_records(data, split, **names)
         if records is None:
             out[split] = None
             continue
         try:
-            if loss_type == "sft":
+            if kind == "sft":
                 examples, stats = build_sft(records, tokenizer, max_seq_length, mask_prompt, **features)
+            elif kind == "kto":
+                examples, stats = build_kto(records, tokenizer, max_seq_length, data_format, options, seed=seed)
             else:
-                examples, stats = build_pairs(records, tokenizer, max_seq_length)
+                examples, stats = build_pairs(records, tokenizer, max_seq_length, data_format, options)
         except DataError as e:
             raise DataError(f"{data} ({split}): {e}") from None
         print(_summary(split, stats, max_seq_length))

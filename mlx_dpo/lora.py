@@ -32,8 +32,8 @@ from mlx_lm.tuner.utils import (  # noqa: E402
 from mlx_lm.utils import load, save_config  # noqa: E402
 
 from .batching import iterate_batches, padding_fraction  # noqa: E402
-from .data import DataError, load_datasets  # noqa: E402
-from .objectives import make_loss  # noqa: E402
+from .data import DATA_OPTION_KEYS, DataError, load_datasets  # noqa: E402
+from .objectives import confidence_supported, data_kind, make_loss, needs_reference  # noqa: E402
 from .logps import auto_chunk_size  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
 from .trainer import CallbackList, TrainingArgs, evaluate, train  # noqa: E402
@@ -80,7 +80,7 @@ def setup_trainable(model: nn.Module, args: types.SimpleNamespace) -> None:
 
 def load_reference(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn.Module]:
     """The separate frozen reference model, or None to bypass the policy's adapters."""
-    if args.loss_type == "sft":
+    if not needs_reference(args.loss_type):
         return None
     path = args.reference_model
     if path is None and args.fine_tune_type == "full":
@@ -128,7 +128,10 @@ def with_reference_logps(args, sets: dict, reference, fingerprint_model: nn.Modu
 
 
 # What an adapter was trained with and a test of it must reuse, unless set again.
-INHERITED_KEYS = ("loss_type", "fine_tune_type", "beta", "label_smoothing", "reference_model")
+INHERITED_KEYS = (
+    "loss_type", "loss_weights", "fine_tune_type", "beta", "label_smoothing", "reference_model",
+    "gamma", "tau", "cpo_alpha", "desirable_weight", "undesirable_weight",
+)
 
 
 def inherit_training_settings(args: types.SimpleNamespace) -> None:
@@ -147,7 +150,7 @@ def inherit_training_settings(args: types.SimpleNamespace) -> None:
 def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict:
     """The tokenized splits: ``data`` (folder or hub id), or mlx-lm's ``hf_dataset`` for SFT."""
     if args.hf_dataset:
-        if args.loss_type != "sft":
+        if data_kind(args.loss_type) != "sft":
             raise ConfigError("'hf_dataset' is mlx-lm's SFT dataset option; for preference data set 'data' to the hub id")
         from mlx_lm.tuner.datasets import load_custom_hf_dataset
 
@@ -156,7 +159,13 @@ def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict
         loaded = dict(zip(("train", "valid", "test"), load_custom_hf_dataset(args, tokenizer)))
         return {s: sft_examples(loaded[s], args.max_seq_length, args.mask_prompt)[0] if len(loaded[s]) else None for s in splits}
     features = {k: getattr(args, k) for k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature") if getattr(args, k)}
-    return load_datasets(args.data, tokenizer, args.loss_type, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits, **features)
+    options = {k: getattr(args, k) for k in DATA_OPTION_KEYS if getattr(args, k) is not None}
+    hub_splits = {k: getattr(args, k) for k in ("train_split", "valid_split", "test_split") if getattr(args, k)}
+    kind = {"sft": "sft", "kto": "kto", "pairs": "dpo"}[data_kind(args.loss_type)]
+    return load_datasets(
+        args.data, tokenizer, kind, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits,
+        data_format=args.data_format, options=options, hub_splits=hub_splits or None, **features,
+    )
 
 
 def write_test_metrics(metrics: dict[str, float], path: Path) -> None:
@@ -211,7 +220,13 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             raise ConfigError(f"no adapters to test in '{adapter_path}' (set 'adapter_path', or \"\" to test the base model)")
         load_adapters(model, str(adapter_path))
     reference = None
-    if args.loss_type != "sft":
+    if any(ds is not None and "confidence" in getattr(ds, "fields", {}) for ds in sets.values()):
+        if not confidence_supported(args.loss_type):
+            raise ConfigError(
+                f"the data has per-pair 'confidence' values, which act through label smoothing, but loss_type "
+                f"{args.loss_type!r} does not use it (use dpo, robust, exo_pair, sigmoid_norm, simpo or cpo)"
+            )
+    if needs_reference(args.loss_type):
         reference_model = load_reference(args, model)
         cast(reference_model, dtype)
         reference = make_reference(model, reference_model, chunk)
@@ -219,7 +234,11 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             sets = with_reference_logps(args, sets, reference, reference_model or model, pad_id)
             reference = None  # every batch now carries its reference log-probs
             del reference_model  # a separate reference is no longer needed in memory
-    loss_fn = make_loss(args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk)
+    loss_fn = make_loss(
+        args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk,
+        loss_weights=args.loss_weights, gamma=args.gamma, tau=args.tau, alpha=args.cpo_alpha,
+        desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+    )
 
     if args.train:
         adapter_path.mkdir(parents=True, exist_ok=True)
@@ -249,9 +268,9 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         return {}
     metrics = evaluate(model, loss_fn, sets["test"], args.batch_size, args.test_batches, batches)
     metrics = {k: v for k, v in metrics.items() if k not in ("weight",)}
-    if args.loss_type == "sft":
+    if data_kind(args.loss_type) == "sft":
         metrics["ppl"] = math.exp(metrics["loss"])
-    metrics["num_examples" if args.loss_type == "sft" else "num_pairs"] = int(metrics.pop("count"))
+    metrics["num_pairs" if data_kind(args.loss_type) == "pairs" else "num_examples"] = int(metrics.pop("count"))
     metrics["num_tokens"] = int(metrics.pop("ntoks"))
     rank0_print("Test: " + ", ".join(f"{k} {v:.7g}" for k, v in metrics.items()))
     if mx.distributed.init().rank() == 0 and args.adapter_path:

@@ -1,22 +1,22 @@
-"""Glue from a batch to a loss: log-probs of the policy (and reference), then a pure loss.
+"""Glue from a batch to a loss: log-probs of the policy (and reference), then pure losses.
 
 ``make_loss`` returns ``loss_fn(model, batch) -> (loss, metrics)``, the one
 function the trainer calls; it never needs to know which objective it runs.
 ``metrics`` holds batch means plus three bookkeeping entries the trainer sums
-rather than averages: ``weight`` (what the means are over: pairs for DPO,
-tokens for SFT), ``count`` (examples) and ``ntoks`` (real tokens
+rather than averages: ``weight`` (what the means are over: pairs or examples,
+or tokens for SFT), ``count`` (examples) and ``ntoks`` (real tokens
 forwarded, prompt and response).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .logps import get_batched_logps
-from .losses import dpo_loss, sft_loss
+from .losses import PAIR_LOSSES, REFERENCE_FREE, USES_LABEL_SMOOTHING, kto_loss, nll_loss, sft_loss
 from .reference import ReferenceFn
 
 LossFn = Callable[[nn.Module, dict], tuple[mx.array, dict]]
@@ -24,24 +24,80 @@ LossFn = Callable[[nn.Module, dict], tuple[mx.array, dict]]
 SUMMED = ("weight", "count", "ntoks")
 
 
+def is_summed(key: str) -> bool:
+    """Bookkeeping metrics (and per-kind counts like ``count/desirable``) add up over batches."""
+    return key in SUMMED or key.startswith("count/")
+LOSS_TYPES = ("sft", "kto", *PAIR_LOSSES)
+
+
+def loss_list(loss_type: Union[str, Sequence[str]]) -> list[str]:
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def needs_reference(loss_type: Union[str, Sequence[str]]) -> bool:
+    """Whether any component compares with a reference (SFT and SimPO/ORPO/CPO do not)."""
+    return any(t not in REFERENCE_FREE and t != "sft" for t in loss_list(loss_type))
+
+
+def data_kind(loss_type: Union[str, Sequence[str]]) -> str:
+    """What the data must look like: ``sft`` records, ``kto`` unpaired examples, or ``pairs``."""
+    types = loss_list(loss_type)
+    if types == ["sft"]:
+        return "sft"
+    return "kto" if "kto" in types else "pairs"
+
+
+def check_combination(loss_type: Union[str, Sequence[str]], loss_weights: Optional[Sequence[float]] = None) -> None:
+    """Raise ValueError for combinations no objective can run."""
+    types = loss_list(loss_type)
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown or not types:
+        raise ValueError(f"unknown loss_type {unknown or types}: choose from {', '.join(LOSS_TYPES)}")
+    if "kto" in types and len(types) > 1:
+        raise ValueError("'kto' trains on unpaired data and cannot be combined with other loss types")
+    if loss_weights is not None and len(loss_weights) != len(types):
+        raise ValueError(f"loss_weights has {len(loss_weights)} entries for {len(types)} loss types")
+
+
 def _forwarded(batch: dict) -> mx.array:
     """Real (non-padding) tokens in the batch, prompt and response: the throughput unit."""
     return batch["lengths"].sum().astype(mx.float32)
 
 
+def _reference(batch: dict, reference: Optional[ReferenceFn]) -> mx.array:
+    ref = batch.get("reference_logps")
+    if ref is None:
+        if reference is None:
+            raise ValueError("this objective needs reference log-probs, but there is no reference")
+        ref = reference(batch["tokens"], batch["mask"])
+    return ref
+
+
 def make_loss(
-    loss_type: str,
+    loss_type: Union[str, Sequence[str]],
     reference: Optional[ReferenceFn] = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     chunk_size: int = 0,
+    loss_weights: Optional[Sequence[float]] = None,
+    **hparams,
 ) -> LossFn:
-    """The loss function for ``loss_type``; ``reference`` gives reference log-probs for DPO.
+    """The loss function for ``loss_type`` (a name or a weighted list of names).
 
-    A batch may carry precomputed ``reference_logps``; then no reference pass
-    runs. ``chunk_size`` is passed to ``get_batched_logps``.
+    ``reference`` gives reference log-probs where an objective needs them; a
+    batch may carry precomputed ``reference_logps`` instead, and then no
+    reference pass runs. A batch ``confidence`` (per pair) replaces the global
+    ``label_smoothing`` with ``1 - confidence``. In a list, ``sft`` is the NLL of
+    the chosen responses (``[dpo, sft]`` is RPO). ``hparams`` go to the
+    losses that take them (``gamma``, ``tau``, ``alpha``,
+    ``desirable_weight``, ``undesirable_weight``).
     """
-    if loss_type == "sft":
+    check_combination(loss_type, loss_weights)
+    types = loss_list(loss_type)
+    weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
+    use_reference = needs_reference(types)
+
+    if data_kind(types) == "sft":
 
         def sft(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
             logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
@@ -53,18 +109,52 @@ def make_loss(
             return loss, {**metrics, "weight": total, "count": count, "ntoks": _forwarded(batch)}
 
         return sft
-    if loss_type != "dpo":
-        raise ValueError(f"unknown loss_type {loss_type!r}")
 
-    def dpo(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-        tokens, mask = batch["tokens"], batch["mask"]
-        logps, ntoks = get_batched_logps(model, tokens, mask, chunk_size)
-        ref = batch.get("reference_logps")
-        if ref is None:
-            ref = reference(tokens, mask)
+    if types == ["kto"]:
+        kto_args = {k: v for k, v in hparams.items() if k in ("desirable_weight", "undesirable_weight")}
+
+        def kto(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
+            # Rows: each example's own completion, then the same prompts with
+            # mismatched completions (for the KL baseline).
+            logps, _ = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
+            ref = _reference(batch, reference)
+            b = logps.shape[0] // 2
+            loss, metrics = kto_loss(logps[:b], ref[:b], batch["label"], logps[b:], ref[b:], beta=beta, **kto_args)
+            n = mx.array(b, mx.float32)
+            return loss * weights[0], {**metrics, "weight": n, "count": n, "ntoks": _forwarded(batch)}
+
+        return kto
+
+    def pairs(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
+        logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
         b = logps.shape[0] // 2
-        loss, metrics = dpo_loss(logps[:b], logps[b:], ref[:b], ref[b:], beta, label_smoothing)
-        pairs = mx.array(b, mx.float32)
-        return loss, {**metrics, "weight": pairs, "count": pairs, "ntoks": _forwarded(batch)}
+        ref = _reference(batch, reference) if use_reference else None
+        eps = 1.0 - batch["confidence"] if "confidence" in batch else label_smoothing
+        inputs = dict(
+            policy_chosen=logps[:b],
+            policy_rejected=logps[b:],
+            reference_chosen=ref[:b] if ref is not None else None,
+            reference_rejected=ref[b:] if ref is not None else None,
+            chosen_tokens=ntoks[:b],
+            rejected_tokens=ntoks[b:],
+        )
+        total, metrics = None, {}
+        for t, w in zip(types, weights):
+            if t == "sft":
+                part, m = nll_loss(inputs["policy_chosen"], inputs["chosen_tokens"])
+            else:
+                part, m = PAIR_LOSSES[t](**inputs, beta=beta, label_smoothing=eps, **hparams)
+            total = w * part if total is None else total + w * part
+            for k, v in m.items():
+                metrics.setdefault(k, v)  # the first objective names the shared metrics
+            if len(types) > 1:
+                metrics[f"loss/{t}"] = part
+        n = mx.array(b, mx.float32)
+        return total, {**metrics, "weight": n, "count": n, "ntoks": _forwarded(batch)}
 
-    return dpo
+    return pairs
+
+
+def confidence_supported(loss_type: Union[str, Sequence[str]]) -> bool:
+    """Per-pair confidences act through label smoothing: every component must use it."""
+    return all(t in USES_LABEL_SMOOTHING or t == "sft" for t in loss_list(loss_type))

@@ -24,7 +24,7 @@ from mlx_lm.tuner.trainer import TrainingArgs as _MlxLmTrainingArgs
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
-from .objectives import SUMMED, LossFn
+from .objectives import LossFn, is_summed
 
 BatchIterator = Callable[..., Iterator[dict]]
 
@@ -64,7 +64,7 @@ class MetricSum:
     def add(self, loss: mx.array, metrics: dict[str, mx.array]) -> None:
         w = metrics["weight"]
         for k, v in {"loss": loss, **metrics}.items():
-            term = v if k in SUMMED else v * w
+            term = v if is_summed(k) else v * w
             self.sums[k] = self.sums[k] + term if k in self.sums else term
 
     def arrays(self) -> list[mx.array]:
@@ -78,7 +78,7 @@ class MetricSum:
         total = mx.distributed.all_sum(mx.stack([self.sums[k].astype(mx.float32) for k in keys]), stream=mx.cpu)
         values = dict(zip(keys, total.tolist()))
         w = values["weight"] or 1.0
-        return {k: (v if k in SUMMED else v / w) for k, v in values.items()}
+        return {k: (v if is_summed(k) else v / w) for k, v in values.items()}
 
 
 def evaluate(
@@ -117,6 +117,8 @@ def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
         "rewards/rejected": "rejected",
         "rewards/accuracies": "acc",
         "rewards/margins": "margin",
+        "kl": "kl",
+        "nll_loss": "nll",
     }
     parts = [f"{prefix}{label} {metrics[k]:.4f}" if k == "loss" else f"{label} {metrics[k]:.4f}" for k, label in names.items() if k in metrics]
     return ", ".join(parts)
@@ -193,7 +195,7 @@ def train(
             info = {
                 "iteration": it,
                 "train_loss": report["loss"],
-                **{k: v for k, v in report.items() if "/" in k},
+                **{k: v for k, v in report.items() if k not in ("loss", "weight", "ntoks", "count")},
                 "learning_rate": optimizer.learning_rate.item(),
                 "iterations_per_second": steps / train_time,
                 "tokens_per_second": report["ntoks"] / train_time,
