@@ -73,11 +73,14 @@ def iterate_batches(
     comm_group: Optional[mx.distributed.Group] = None,
     shuffle: bool = True,
     drop_last: bool = True,
+    skip: int = 0,
 ) -> Iterator[dict[str, mx.array]]:
     """Yield padded batches; each epoch visits the length groups in a fresh seeded order.
 
     A ``data.Dataset`` adds its ``fields`` (labels, confidences, precomputed
-    reference log-probs) to each batch, in row order.
+    reference log-probs) to each batch, in row order. ``skip`` passes over the
+    first batches without building them: a resumed run sees exactly the batches
+    an uninterrupted one would.
     """
     rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     groups = length_groups(dataset, batch_size, rank, world, drop_last)
@@ -85,6 +88,9 @@ def iterate_batches(
     while True:
         order = np.random.default_rng((seed, epoch)).permutation(len(groups)) if shuffle else range(len(groups))
         for g in order:
+            if skip > 0:
+                skip -= 1
+                continue
             idx = np.asarray(groups[g], dtype=np.int32)
             batch = pad_batch([dataset[i] for i in idx], pad_id, pad_multiple)
             batch["index"] = mx.array(idx)

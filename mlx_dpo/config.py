@@ -49,6 +49,9 @@ DEFAULTS: dict[str, Any] = {
     "data_format": "auto",
     **{k: None for k in DATA_OPTION_KEYS},
     **{k: None for k in HUB_SPLIT_KEYS},
+    # Reliability.
+    "resume": False,
+    "skip_nonfinite": False,
     # Speed and memory.
     "dtype": "auto",
     "precompute_reference": False,
@@ -131,6 +134,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "compile": (lambda v: isinstance(v, bool), "true or false"),
     "dtype": (lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
     "precompute_reference": (lambda v: isinstance(v, bool), "true or false"),
+    "resume": (lambda v: isinstance(v, bool), "true or false"),
+    "skip_nonfinite": (lambda v: isinstance(v, bool), "true or false"),
     "pad_to_multiple": (lambda v: _is_int(v) and v > 0, "a positive integer (1: pad to the batch maximum)"),
     "logits_chunk_size": (_opt(lambda v: _is_int(v) and v >= 0), "a non-negative integer (0: off; unset: auto)"),
 }
@@ -180,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference-model", type=str, help="Separate frozen reference model (default: the policy without adapters).")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="Do not mx.compile the training step.")
     parser.add_argument("--dtype", type=str, choices=DTYPES, help="Training dtype (auto: float32 on a CPU, the model's own on a GPU).")
+    parser.add_argument("--resume", action="store_true", help="Continue from the checkpoint in adapter_path (weights, optimizer, step).")
+    parser.add_argument("--skip-nonfinite", action="store_true", help="Skip batches whose loss or gradient is NaN/inf instead of stopping.")
     parser.add_argument("--precompute-reference", action="store_true", help="Compute reference log-probs once and cache them on disk.")
     parser.add_argument("--pad-to-multiple", type=int, help="Pad batches to a multiple of this length (default 1).")
     parser.add_argument("--logits-chunk-size", type=int, help="Positions per chunk of the vocabulary projection (0: off).")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import types
 from functools import partial
@@ -29,14 +30,15 @@ from mlx_lm.tuner.utils import (  # noqa: E402
     load_adapters,
     print_trainable_parameters,
 )
-from mlx_lm.utils import load, save_config  # noqa: E402
+from mlx_lm.utils import load  # noqa: E402
 
 from .batching import iterate_batches, padding_fraction  # noqa: E402
 from .data import DATA_OPTION_KEYS, DataError, load_datasets  # noqa: E402
 from .objectives import confidence_supported, data_kind, make_loss, needs_reference  # noqa: E402
 from .logps import auto_chunk_size  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
-from .trainer import CallbackList, TrainingArgs, evaluate, train  # noqa: E402
+from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, state_file_for  # noqa: E402
+from .trainer import CallbackList, NonFiniteError, TrainingArgs, TrainingInterrupted, evaluate, train  # noqa: E402
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -70,12 +72,35 @@ def setup_trainable(model: nn.Module, args: types.SimpleNamespace) -> None:
         args.lora_parameters = None
     else:
         linear_to_lora_layers(model, args.num_layers, args.lora_parameters, use_dora=args.fine_tune_type == "dora")
-    if args.resume_adapter_file is not None:
-        if not Path(args.resume_adapter_file).is_file():
-            raise ConfigError(f"resume_adapter_file not found: {args.resume_adapter_file}")
-        rank0_print(f"Loading fine-tuned weights from {args.resume_adapter_file}")
-        model.load_weights(args.resume_adapter_file, strict=False)
     print_trainable_parameters(model)
+
+
+def resume_file(args: types.SimpleNamespace) -> Optional[Path]:
+    """The adapter file to resume from: ``resume`` means this adapter_path's latest checkpoint."""
+    if args.resume:
+        path = Path(args.adapter_path) / ADAPTERS
+        if not path.is_file() or not state_file_for(path).is_file():
+            raise ConfigError(f"nothing to resume: no checkpoint ({ADAPTERS} + {STATE}) in '{args.adapter_path}'")
+        return path
+    if args.resume_adapter_file is not None:
+        path = Path(args.resume_adapter_file)
+        if not path.is_file():
+            raise ConfigError(f"resume_adapter_file not found: {path}")
+        return path
+    return None
+
+
+def restore_checkpoint(model: nn.Module, optimizer, path: Path) -> int:
+    """Load weights (and the training state beside them, if any); the step to continue after."""
+    try:
+        step = restore(model, optimizer, path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if step:
+        rank0_print(f"Resuming from step {step} of {path} (weights, optimizer state, schedule and data order)")
+    else:
+        rank0_print(f"Loading fine-tuned weights from {path} (no training state beside it: starting at step 1)")
+    return step
 
 
 def load_reference(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn.Module]:
@@ -168,12 +193,6 @@ def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict
     )
 
 
-def write_test_metrics(metrics: dict[str, float], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallback] = None) -> dict:
     """Load, train and/or test as ``args`` says; returns the test metrics (if tested)."""
     np.random.seed(args.seed)
@@ -241,8 +260,15 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     )
 
     if args.train:
+        if args.save_every % args.grad_accumulation_steps:
+            raise ConfigError(
+                f"invalid value for 'save_every': {args.save_every} (must be a multiple of grad_accumulation_steps="
+                f"{args.grad_accumulation_steps}, so no checkpoint falls inside an accumulation)"
+            )
+        optimizer = build_optimizer(args)
+        start = restore_checkpoint(model, optimizer, path) if (path := resume_file(args)) else 0
         adapter_path.mkdir(parents=True, exist_ok=True)
-        save_config(public(args), adapter_path / "adapter_config.json")
+        atomic_write_json(adapter_path / "adapter_config.json", public(args))
         training_args = TrainingArgs(
             batch_size=args.batch_size,
             iters=args.iters,
@@ -257,12 +283,13 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             clear_cache_threshold=args.clear_cache_threshold,
             seed=args.seed,
             compile=args.compile,
+            skip_nonfinite=args.skip_nonfinite,
         )
         if args.report_to:
             reporter = get_reporting_callbacks(args.report_to, project_name=args.project_name, log_dir=args.adapter_path, config=public(args))
             training_callback = CallbackList([training_callback, reporter])
         rank0_print(f"Training with loss_type={args.loss_type} for {args.iters} iterations")
-        train(model, build_optimizer(args), loss_fn, sets["train"], sets.get("valid"), batches, training_args, training_callback)
+        train(model, optimizer, loss_fn, sets["train"], sets.get("valid"), batches, training_args, training_callback, start)
 
     if not args.test:
         return {}
@@ -275,21 +302,36 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     rank0_print("Test: " + ", ".join(f"{k} {v:.7g}" for k, v in metrics.items()))
     if mx.distributed.init().rank() == 0 and args.adapter_path:
         adapter_path.mkdir(parents=True, exist_ok=True)
-        write_test_metrics(metrics, adapter_path / "test_metrics.json")
+        atomic_write_json(adapter_path / "test_metrics.json", metrics)
         print(f"Wrote {adapter_path / 'test_metrics.json'}")
     return metrics
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run."""
+    kept = [a for a in argv if a != "--resume"]
+    return " ".join(shlex.quote(a) for a in [sys.executable, "-m", "mlx_dpo.lora", *kept, "--resume"])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    """Run; user errors end in one line and exit status 2, never a traceback."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = load_config(argv)
         if line := _blas.describe():
             rank0_print(line)
         run(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError) as e:
         print(f"mlx_dpo.lora: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as e:
+        rank0_print(f"\nStopped by signal {e.signum} after step {e.step}; checkpoint saved in {e.checkpoint.parent}.")
+        rank0_print(f"Resume with:\n  {resume_command(argv)}")
+        sys.exit(128 + e.signum)
+    except NonFiniteError as e:
+        print(f"mlx_dpo.lora: error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,16 @@ callbacks, the wired-limit guard and ``average_gradients`` for ``mlx.launch``.
 
 from __future__ import annotations
 
-import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,6 +28,7 @@ from mlx_lm.tuner.trainer import TrainingArgs as _MlxLmTrainingArgs
 from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
+from .checkpoint import save_checkpoint
 from .objectives import LossFn, is_summed
 
 BatchIterator = Callable[..., Iterator[dict]]
@@ -33,6 +38,7 @@ BatchIterator = Callable[..., Iterator[dict]]
 class TrainingArgs(_MlxLmTrainingArgs):
     seed: int = field(default=0, metadata={"help": "Seed for the batch order."})
     compile: bool = field(default=True, metadata={"help": "mx.compile the training step."})
+    skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with NaN/inf instead of stopping."})
 
 
 class CallbackList(TrainingCallback):
@@ -102,14 +108,6 @@ def evaluate(
     return acc.result()
 
 
-def save_adapters(model: nn.Module, path: Path) -> None:
-    """Write the trainable weights in mlx-lm's format, atomically (temp file + rename)."""
-    weights = dict(tree_flatten(model.trainable_parameters()))
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), weights)
-    os.replace(tmp, path)
-
-
 def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
     names = {
         "loss": "loss",
@@ -124,6 +122,56 @@ def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
     return ", ".join(parts)
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint for ``step`` was saved before stopping."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path):
+        super().__init__(f"interrupted by signal {signum} after step {step}")
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+
+
+class NonFiniteError(Exception):
+    """A loss or gradient was NaN/inf; the update was not applied."""
+
+    def __init__(self, step: int, batch_index: list[int], saved: Optional[Path]):
+        where = f"step {step}, batch of examples {batch_index}"
+        kept = f"; the last good adapters are in {saved}" if saved else ""
+        super().__init__(f"non-finite loss or gradient at {where}{kept} (lower the learning rate, or set skip_nonfinite: true)")
+        self.step, self.batch_index, self.saved = step, batch_index, saved
+
+
+@contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, _frame):
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _all_finite(loss: mx.array, grad) -> mx.array:
+    leaves = [g for _, g in tree_flatten(grad)]
+    finite = mx.isfinite(loss).all()
+    for g in leaves:
+        finite = finite & mx.isfinite(g).all()
+    return finite
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The random seed of one step: dropout is a function of (seed, step), so a resume repeats it."""
+    return (seed * 1_000_003 + step) % (2**31)
+
+
 def train(
     model: nn.Module,
     optimizer,
@@ -133,8 +181,15 @@ def train(
     iterate_batches: BatchIterator,
     args: TrainingArgs = TrainingArgs(),
     training_callback: Optional[TrainingCallback] = None,
-) -> None:
-    """Train ``model`` in place and save its adapters under ``args.adapter_file``."""
+    start_step: int = 0,
+) -> int:
+    """Train ``model`` in place from ``start_step``, checkpointing under ``args.adapter_file``.
+
+    Returns the number of batches skipped for non-finite values. Raises
+    ``TrainingInterrupted`` after saving a checkpoint on SIGINT/SIGTERM, and
+    ``NonFiniteError`` (without applying the bad update) on a NaN or inf,
+    unless ``args.skip_nonfinite``.
+    """
     maybe_set_recommended_wired_limit()
     world = mx.distributed.init()
     rank = world.rank()
@@ -145,78 +200,107 @@ def train(
         raise ValueError("grad_accumulation_steps must be at least 1")
 
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
-    state = [model.state, optimizer.state, mx.random.state]
 
-    def step(batch, prev_grad, do_update):
+    def grad_step(batch, prev_grad):
         (loss, metrics), grad = loss_value_and_grad(model, batch)
         if prev_grad is not None:
             grad = tree_map(lambda a, b: a + b, grad, prev_grad)
-        if do_update:
-            grad = average_gradients(grad)
-            if accum_steps > 1:
-                grad = tree_map(lambda g: g / accum_steps, grad)
-            optimizer.update(model, grad)
-            grad = None
-        return loss, metrics, grad
+        return loss, metrics, grad, _all_finite(loss, grad)
 
+    def update(grad):
+        grad = average_gradients(grad)
+        if accum_steps > 1:
+            grad = tree_map(lambda g: g / accum_steps, grad)
+        optimizer.update(model, grad)
+
+    grad_state = [model.state, mx.random.state]
+    update_state = [model.state, optimizer.state]
     if args.compile:
-        step = partial(mx.compile, inputs=state, outputs=state)(step)
+        grad_step = partial(mx.compile, inputs=grad_state, outputs=grad_state)(grad_step)
+        update = partial(mx.compile, inputs=update_state, outputs=update_state)(update)
 
     adapter_file = Path(args.adapter_file)
-    batches = iterate_batches(train_dataset, args.batch_size, loop=True, seed=args.seed, comm_group=world)
+    batches = iterate_batches(train_dataset, args.batch_size, loop=True, seed=args.seed, comm_group=world, skip=start_step)
     window, grad, train_time = MetricSum(), None, 0.0
-    trained_tokens = 0.0
+    trained_tokens, skipped = 0.0, 0
+    last_saved: Optional[Path] = adapter_file if adapter_file.is_file() else None
+
+    def checkpoint(it: int, numbered: bool = True) -> None:
+        nonlocal last_saved
+        if rank == 0:
+            save_checkpoint(model, optimizer, adapter_file, it, numbered)
+        last_saved = adapter_file
+
     model.train()
-    for it in range(1, args.iters + 1):
-        if val_dataset and args.val_batches != 0 and (it == 1 or it % args.steps_per_eval == 0 or it == args.iters):
+    with _stop_signals() as stop:
+        for it in range(start_step + 1, args.iters + 1):
+            if val_dataset and args.val_batches != 0 and (it == start_step + 1 or it % args.steps_per_eval == 0 or it == args.iters):
+                tic = time.perf_counter()
+                val = evaluate(model, loss_fn, val_dataset, args.batch_size, args.val_batches, iterate_batches)
+                model.train()
+                val_time = time.perf_counter() - tic
+                _rank0_print(f"Iter {it - 1}: {format_metrics(val, prefix='Val ')}, val took {val_time:.2f}s")
+                if training_callback is not None:
+                    training_callback.on_val_loss_report(
+                        {"iteration": it - 1, "val_loss": val["loss"], "val_time": val_time, **{f"val_{k}": v for k, v in val.items()}}
+                    )
+
             tic = time.perf_counter()
-            val = evaluate(model, loss_fn, val_dataset, args.batch_size, args.val_batches, iterate_batches)
-            model.train()
-            val_time = time.perf_counter() - tic
-            _rank0_print(f"Iter {it - 1}: {format_metrics(val, prefix='Val ')}, val took {val_time:.2f}s")
-            if training_callback is not None:
-                training_callback.on_val_loss_report(
-                    {"iteration": it - 1, "val_loss": val["loss"], "val_time": val_time, **{f"val_{k}": v for k, v in val.items()}}
+            batch = next(batches)
+            mx.random.seed(step_seed(args.seed, it))
+            loss, metrics, new_grad, finite = grad_step(batch, grad)
+            bad = mx.distributed.all_sum((~finite).astype(mx.float32), stream=mx.cpu) if world.size() > 1 else ~finite
+            mx.eval(loss, metrics, new_grad, bad)
+            if bad.item() > 0:
+                if not args.skip_nonfinite:
+                    raise NonFiniteError(it, np.array(batch["index"]).tolist(), last_saved)
+                skipped += 1
+                _rank0_print(f"Iter {it}: non-finite loss or gradient, batch of examples {np.array(batch['index']).tolist()} skipped ({skipped} so far)")
+                grad = None  # drop this batch and whatever it was accumulated with
+            else:
+                window.add(loss, metrics)
+                grad = new_grad
+                if it % accum_steps == 0:
+                    update(grad)
+                    grad = None
+                mx.eval(model.state, optimizer.state, window.arrays())
+            if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
+                mx.clear_cache()
+            train_time += time.perf_counter() - tic
+
+            if (it % args.steps_per_report == 0 or it == args.iters) and window.sums:
+                steps = (it - 1) % args.steps_per_report + 1
+                report = window.result()
+                trained_tokens += report["ntoks"]
+                info = {
+                    "iteration": it,
+                    "train_loss": report["loss"],
+                    **{k: v for k, v in report.items() if k not in ("loss", "weight", "ntoks", "count")},
+                    "learning_rate": optimizer.learning_rate.item(),
+                    "iterations_per_second": steps / train_time,
+                    "tokens_per_second": report["ntoks"] / train_time,
+                    "trained_tokens": trained_tokens,
+                    "peak_memory": mx.get_peak_memory() / 1e9,
+                    "skipped_nonfinite": skipped,
+                }
+                _rank0_print(
+                    f"Iter {it}: {format_metrics(report, prefix='Train ')}, "
+                    f"lr {info['learning_rate']:.3e}, it/s {info['iterations_per_second']:.3f}, "
+                    f"tok/s {info['tokens_per_second']:.1f}, peak mem {info['peak_memory']:.3f} GB"
                 )
+                if training_callback is not None:
+                    training_callback.on_train_loss_report(info)
+                window, train_time = MetricSum(), 0.0
 
-        tic = time.perf_counter()
-        batch = next(batches)
-        loss, metrics, grad = step(batch, grad, it % accum_steps == 0)
-        window.add(loss, metrics)
-        mx.eval(state, window.arrays(), grad)
-        if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
-            mx.clear_cache()
-        train_time += time.perf_counter() - tic
+            at_boundary = grad is None  # no half-accumulated gradient would be lost
+            if it % args.steps_per_save == 0 and at_boundary:
+                checkpoint(it)
+                _rank0_print(f"Iter {it}: saved adapters and training state to {adapter_file.parent}.")
+            signalled = mx.distributed.all_sum(mx.array(float(len(stop))), stream=mx.cpu).item() if world.size() > 1 else len(stop)
+            if signalled and at_boundary:
+                checkpoint(it)
+                raise TrainingInterrupted(it, stop[0] if stop else signal.SIGTERM, adapter_file)
 
-        if it % args.steps_per_report == 0 or it == args.iters:
-            steps = (it - 1) % args.steps_per_report + 1
-            report = window.result()
-            trained_tokens += report["ntoks"]
-            info = {
-                "iteration": it,
-                "train_loss": report["loss"],
-                **{k: v for k, v in report.items() if k not in ("loss", "weight", "ntoks", "count")},
-                "learning_rate": optimizer.learning_rate.item(),
-                "iterations_per_second": steps / train_time,
-                "tokens_per_second": report["ntoks"] / train_time,
-                "trained_tokens": trained_tokens,
-                "peak_memory": mx.get_peak_memory() / 1e9,
-            }
-            _rank0_print(
-                f"Iter {it}: {format_metrics(report, prefix='Train ')}, "
-                f"lr {info['learning_rate']:.3e}, it/s {info['iterations_per_second']:.3f}, "
-                f"tok/s {info['tokens_per_second']:.1f}, peak mem {info['peak_memory']:.3f} GB"
-            )
-            if training_callback is not None:
-                training_callback.on_train_loss_report(info)
-            window, train_time = MetricSum(), 0.0
-
-        if it % args.steps_per_save == 0 and rank == 0:
-            save_adapters(model, adapter_file)
-            checkpoint = adapter_file.parent / f"{it:07d}_adapters.safetensors"
-            save_adapters(model, checkpoint)
-            _rank0_print(f"Iter {it}: saved adapter weights to {adapter_file} and {checkpoint}.")
-
-    if rank == 0:
-        save_adapters(model, adapter_file)
-        _rank0_print(f"Saved final weights to {adapter_file}.")
+    checkpoint(args.iters, numbered=False)
+    _rank0_print(f"Saved final weights to {adapter_file}.")
+    return skipped
