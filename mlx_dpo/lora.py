@@ -49,6 +49,33 @@ OPTIMIZERS = {
 }
 
 
+def _hub_errors() -> tuple[type, ...]:
+    from huggingface_hub import errors
+
+    names = ("HFValidationError", "LocalEntryNotFoundError", "RepositoryNotFoundError", "GatedRepoError",
+             "RevisionNotFoundError", "EntryNotFoundError", "HfHubHTTPError", "OfflineModeIsEnabled")
+    return tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+
+
+def load_model(path: str, args: types.SimpleNamespace, what: str = "model", **kwargs):
+    """``mlx_lm.load`` with a one-line error for a path that is neither a folder nor a reachable hub model."""
+    local = Path(path).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(f"{what} folder '{path}' has no config.json (is it a Hugging Face model folder?)")
+    try:
+        return load(
+            str(local) if local.is_dir() else path,
+            tokenizer_config={"trust_remote_code": args.trust_remote_code},
+            trust_remote_code=args.trust_remote_code,
+            **kwargs,
+        )
+    except _hub_errors() as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"cannot load {what} '{path}': no such local folder, and the hub did not provide it ({reason})"
+        ) from None
+
+
 def rank0_print(*args) -> None:
     if mx.distributed.init().rank() == 0:
         print(*args, flush=True)
@@ -118,7 +145,7 @@ def load_reference(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn
             )
         return None
     rank0_print(f"Loading reference model {path}")
-    ref, _ = load(path, tokenizer_config={"trust_remote_code": args.trust_remote_code}, trust_remote_code=args.trust_remote_code)
+    ref, _ = load_model(path, args, what="reference_model")
     ref.freeze()
     ref.eval()
     return ref
@@ -205,12 +232,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         inherit_training_settings(args)
 
     rank0_print(f"Loading pretrained model {args.model}")
-    model, tokenizer, model_config = load(
-        args.model,
-        tokenizer_config={"trust_remote_code": args.trust_remote_code},
-        return_config=True,
-        trust_remote_code=args.trust_remote_code,
-    )
+    model, tokenizer, model_config = load_model(args.model, args, return_config=True)
     dtype = resolve_dtype(args)
     cast(model, dtype)
     chunk = args.logits_chunk_size if args.logits_chunk_size is not None else auto_chunk_size(model_config.get("vocab_size", 0))
