@@ -329,6 +329,11 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     return metrics
 
 
+def one_line(error: Exception) -> str:
+    """The error's message with line breaks folded (some come from mlx-lm or the hub)."""
+    return " ".join(str(error).split())
+
+
 def resume_command(argv: list[str]) -> str:
     """The command line that continues an interrupted run."""
     kept = [a for a in argv if a != "--resume"]
@@ -345,14 +350,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             rank0_print(line)
         run(args)
     except (ConfigError, DataError) as e:
-        print(f"mlx_dpo.lora: error: {e}", file=sys.stderr)
+        print(f"mlx_dpo.lora: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except TrainingInterrupted as e:
         rank0_print(f"\nStopped by signal {e.signum} after step {e.step}; checkpoint saved in {e.checkpoint.parent}.")
         rank0_print(f"Resume with:\n  {resume_command(argv)}")
         sys.exit(128 + e.signum)
     except NonFiniteError as e:
-        print(f"mlx_dpo.lora: error: {e}", file=sys.stderr)
+        print(f"mlx_dpo.lora: error: {one_line(e)}", file=sys.stderr)
         sys.exit(3)
 
 
