@@ -54,14 +54,14 @@ def save_adapters(model: nn.Module, path: Path, step: Optional[int] = None) -> N
     atomic_save_safetensors(path, dict(tree_flatten(model.trainable_parameters())), meta)
 
 
-def state_file_for(adapter_file: Path) -> Optional[Path]:
-    """``adapters.safetensors`` -> ``training_state.safetensors``; ``N_adapters`` -> ``N_state``; else None."""
+def state_file_for(adapter_file: Path) -> Path:
+    """``adapters.safetensors`` -> ``training_state.safetensors``; ``N_adapters.safetensors`` ->
+    ``N_state.safetensors``; any other ``X.safetensors`` -> ``X_state.safetensors``."""
     adapter_file = Path(adapter_file)
     if adapter_file.name == ADAPTERS:
         return adapter_file.with_name(STATE)
-    if adapter_file.name.endswith("_adapters.safetensors"):
-        return adapter_file.with_name(adapter_file.name[: -len("_adapters.safetensors")] + "_state.safetensors")
-    return None
+    stem = adapter_file.name.removesuffix(".safetensors").removesuffix("_adapters")
+    return adapter_file.with_name(f"{stem}_state.safetensors")
 
 
 def save_checkpoint(model: nn.Module, optimizer, adapter_file: Path, step: int, numbered: bool = True) -> list[Path]:
@@ -93,7 +93,7 @@ def restore(model: nn.Module, optimizer, adapter_file: Path) -> int:
     weights, meta = mx.load(str(adapter_file), return_metadata=True)
     model.load_weights(list(weights.items()), strict=False)
     state_file = state_file_for(adapter_file)
-    if state_file is None or not state_file.is_file():
+    if not state_file.is_file():
         return 0
     state, step = load_training_state(state_file)
     if meta.get("step") not in (None, str(step)):

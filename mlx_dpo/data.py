@@ -11,6 +11,10 @@ Each is normalized to one of three canonical forms before tokenization: a
 text prompt with text responses, a message-list prompt with message-list
 responses, or two full transcripts whose shared beginning is the prompt
 (implicit).
+
+Every record of a split is checked before any is tokenized: a problem is one
+``DataError`` line naming the file (or hub split), the line (``record N`` in a
+JSON list, ``row N`` in a table) and the field.
 """
 
 from __future__ import annotations
@@ -118,6 +122,19 @@ _UNPAIRED_PROMPT = {
 }
 # The order auto-detection tries the paired layouts in (implicit comes last).
 _DETECT_ORDER = ("standard", "conversational", "ultra", "chatml.intel", "icr", "argilla")
+# Layouts a first record that fits none may have been meant as, in this order,
+# with whether it is the unpaired form: the one with the fewest problems is named.
+_CANDIDATES = (("nectar", False), ("kto", True)) + tuple((f, False) for f in _DETECT_ORDER) + (("implicit", False),)
+# The fields that tell layouts apart: a record holding one its file's layout
+# does not use reads as a different layout rather than as a broken record.
+_LAYOUT_KEYS = frozenset(_PROMPT_KEYS) | {
+    "chosen", "rejected", "chosen_response", "rejected_response", "answers", "completion", "label",
+}
+
+# Message roles: the chat roles of OpenAI and Hugging Face chat templates
+# (``developer`` is OpenAI's newer system role; Llama 3.1 templates name tool
+# results ``ipython``).
+MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython")
 
 
 class Dataset(list):
@@ -146,61 +163,112 @@ class DataError(ValueError):
     """A dataset that cannot be used as given; the message says where and why."""
 
 
+def _type(value) -> str:
+    """A JSON value's type, as error messages name it."""
+    return "null" if value is None else type(value).__name__
+
+
 # ------------------------------------------------------------------ reading
+
+
+class Records(list):
+    """Records read from one source, which errors name: ``source: line 7``.
+
+    ``source`` is the file path as given (or ``dataset, split name`` for the
+    Hub) and ``unit`` what a position is called there: ``line`` in JSON lines
+    (the line in the file), ``record`` in a JSON list, ``row`` in a table.
+    """
+
+    def __init__(self, records=(), source: Optional[str] = None, unit: str = "line"):
+        super().__init__(records)
+        self.source = source
+        self.unit = unit
+
+    def at(self, n: int) -> str:
+        """Where the n-th record (1-based) is, for an error message."""
+        return f"{self.source}: {self.unit} {n}" if self.source else f"{self.unit} {n}"
+
+
+def _at(records, n: int) -> str:
+    return records.at(n) if isinstance(records, Records) else f"line {n}"
+
+
+def _in(records) -> str:
+    """``source: `` for errors about a whole split, or nothing."""
+    source = getattr(records, "source", None)
+    return f"{source}: " if source else ""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def load_records(path: Path) -> list[dict]:
     """Read a ``.jsonl`` file, one record per line.
 
     Only trailing blank lines are skipped, so the n-th record is always on
-    line n and later errors can name the line.
+    line n and later errors can name the line. Returns ``Records`` naming
+    ``path``; an empty file is an error.
     """
     path = Path(path)
     lines = path.read_text(encoding="utf-8").split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
-    records = []
+    if not lines:
+        raise DataError(f"{path}: no records (the file is empty)")
+    records = Records(source=str(path), unit="line")
+    loads = json.loads
     for n, line in enumerate(lines, 1):
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {n}: malformed JSON ({e.msg})") from None
+            if not line.strip():
+                raise DataError(f"{path}: line {n}: blank line (each line must hold one JSON object)") from None
+            raise DataError(f"{path}: line {n}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(record, dict):
-            raise DataError(f"{path}: line {n}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path}: line {n}: expected a JSON object, got {_type(record)}")
         records.append(record)
     return records
 
 
 def load_json_records(path: Path) -> list[dict]:
-    """Read a ``.json`` file: a JSON list of records, or JSON lines."""
+    """Read a ``.json`` file: a JSON list of records (errors name ``record N``), or JSON lines."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataError(f"{path}: no records (the file is empty)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("["):
-            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
+            raise DataError(f"{path}: line {e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         return load_records(path)  # JSON lines, with per-line errors
     if isinstance(data, dict):
-        return [data]
+        data = [data]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON list of objects, got {_type(data)}")
+    if not data:
+        raise DataError(f"{path}: no records (an empty list)")
     for n, record in enumerate(data, 1):
         if not isinstance(record, dict):
-            raise DataError(f"{path}: record {n}: expected a JSON object, got {type(record).__name__}")
-    return data
+            raise DataError(f"{path}: record {n}: expected a JSON object, got {_type(record)}")
+    return Records(data, source=str(path), unit="record")
 
 
 def load_parquet_records(path: Path) -> list[dict]:
-    """Read a ``.parquet`` file with pyarrow (an optional dependency)."""
+    """Read a ``.parquet`` file with pyarrow (an optional dependency); errors name ``row N``."""
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{path}: reading parquet files needs pyarrow: pip install pyarrow") from None
     try:
-        return pq.read_table(str(path)).to_pylist()
-    except Exception as e:  # pyarrow raises its own error types
-        raise DataError(f"{path}: cannot read parquet ({e})") from None
+        rows = pq.read_table(str(path)).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:  # a damaged or non-parquet file
+        raise DataError(f"{path}: cannot read parquet ({_one_line(e)})") from None
+    if not rows:
+        raise DataError(f"{path}: no records (the table has no rows)")
+    return Records(rows, source=str(path), unit="row")
 
 
 _READERS = {".jsonl": load_records, ".json": load_json_records, ".parquet": load_parquet_records}
@@ -222,7 +290,7 @@ def load_split_records(
     train_split: Optional[str] = None,
     valid_split: Optional[str] = None,
     test_split: Optional[str] = None,
-) -> list[dict] | None:
+) -> Records | None:
     """Records of one split from a local folder or a Hugging Face dataset id.
 
     A local folder holds ``{split}.jsonl``, ``{split}.json`` (a list of
@@ -231,7 +299,8 @@ def load_split_records(
     splits (``train[:1000]`` slices work); unnamed, ``train`` and ``test`` are
     used as they are, and ``valid`` is the first of ``validation``, ``valid``,
     ``test`` that exists. Returns None when the split does not exist; a split
-    named explicitly that does not exist is an error.
+    named explicitly that does not exist, or one with no records, is an error.
+    The ``Records`` name their file (or hub split), so errors can point at a line.
     """
     path = Path(data).expanduser()
     if path.is_dir():
@@ -255,7 +324,10 @@ def load_split_records(
     available = get_dataset_split_names(data)
     for name in names:
         if name.split("[", 1)[0] in available:
-            return [dict(row) for row in load_dataset(data, split=name)]
+            rows = Records((dict(row) for row in load_dataset(data, split=name)), source=f"{data}, split {name}", unit="row")
+            if not rows:
+                raise DataError(f"{rows.source}: no records (the split has no rows)")
+            return rows
     if explicit:
         raise DataError(f"{data}: no split {names[0]!r} on the Hub; it has {', '.join(available)}")
     return None
@@ -265,10 +337,11 @@ def load_split_records(
 
 
 def _is_messages(value) -> bool:
+    """Whether ``value`` is shaped like a message list (its values are checked by ``_problems``)."""
     return (
         isinstance(value, list)
         and len(value) > 0
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+        and all(isinstance(m, dict) and "role" in m and ("content" in m or "tool_calls" in m) for m in value)
     )
 
 
@@ -406,35 +479,241 @@ def _mismatch(fmt: str, record: dict, opts: dict, unpaired_too: bool = False) ->
     return DataError(f"record does not match data_format {fmt!r} {want}; fields seen: {_describe(record)}")
 
 
+# ------------------------------------------------------------- validation
+
+
+def _unpaired_form(fmt: str, record: dict, opts: dict) -> bool:
+    """Whether a record of layout ``fmt`` read as KTO data is in its unpaired form."""
+    if fmt == "kto":
+        return True
+    if fmt == "custom":
+        return record.get(_custom_names(opts)["completion"]) is not None
+    return fmt in _UNPAIRED_PROMPT and record.get("completion") is not None
+
+
+def _spec(fmt: str, record: dict, opts: dict, unpaired: bool) -> tuple[tuple, tuple, str]:
+    """``(required, same, system)`` of layout ``fmt``: the required fields with their
+    kinds (``text``, ``messages``, ``either``, ``label``, ``answers``), the fields that
+    must all be text or all message lists, and the name of the optional system field."""
+    if fmt == "custom":
+        n = _custom_names(opts)
+        if unpaired:
+            required = ((n["prompt"], "either"), (n["completion"], "either"), (n["label"], "label"))
+            return required, (n["prompt"], n["completion"]), n["system"]
+        required = ((n["chosen"], "either"), (n["rejected"], "either"))
+        if record.get(n["prompt"]) is not None or "field_prompt" in opts or "prompt_format" in opts:
+            required = ((n["prompt"], "text" if "prompt_format" in opts else "either"),) + required
+        return required, tuple(k for k, _ in required), n["system"]
+    if unpaired:
+        keys = _UNPAIRED_PROMPT[fmt]
+        key = next((k for k in keys if record.get(k) is not None), keys[0])
+        kind = {"kto": "either", "conversational": "messages"}.get(fmt, "text")
+        return ((key, kind), ("completion", kind), ("label", "label")), (key, "completion"), "system"
+    if fmt in _TEXT_PROMPT:
+        chosen, rejected = _RESPONSES.get(fmt, ("chosen", "rejected"))
+        return ((_TEXT_PROMPT[fmt], "text"), (chosen, "text"), (rejected, "text")), (), "system"
+    if fmt == "conversational":
+        return (("prompt", "messages"), ("chosen", "messages"), ("rejected", "messages")), (), "system"
+    if fmt == "implicit":
+        return (("chosen", "either"), ("rejected", "either")), ("chosen", "rejected"), "system"
+    if fmt == "argilla_chat":
+        return (("chosen", "messages"), ("rejected", "messages")), (), "system"
+    if fmt == "ultra":
+        return (("prompt", "text"), ("chosen", "messages"), ("rejected", "messages")), (), "system"
+    if fmt == "nectar":
+        return (("prompt", "either"), ("answers", "answers")), (), "system"
+    raise DataError(f"unknown data_format {fmt!r}; expected one of {', '.join(DATA_FORMATS)}")
+
+
+def _messages_problem(key: str, messages: list) -> Optional[str]:
+    """What is wrong with a message list, naming the message by its index."""
+    for i, m in enumerate(messages):
+        at = f"field {key!r}[{i}]"
+        if not isinstance(m, dict):
+            return f"{at} must be a {{role, content}} message, got {_type(m)}"
+        role = m.get("role")
+        if "role" not in m:
+            if "from" in m and "value" in m:
+                return f"{at} is a ShareGPT {{from, value}} message; messages need {{role, content}}"
+            return f"{at} has no 'role' (a message is {{role, content}}; fields seen: {_describe(m)})"
+        if not isinstance(role, str):
+            return f"{at}.role must be a string, got {_type(role)}"
+        if role not in MESSAGE_ROLES:
+            return f"{at}.role {role!r} is not a known role (expected {', '.join(MESSAGE_ROLES)})"
+        content = m.get("content")
+        if isinstance(content, str) or (content is None and m.get("tool_calls")):
+            continue
+        if "content" not in m:
+            return f"{at} has no 'content'"
+        return f"{at}.content must be a string, got {_type(content)}"
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _value_problem(key: str, value, kind: str) -> Optional[tuple[str, bool]]:
+    """``(message, about_the_layout)`` if field ``key`` cannot hold ``value``, else None."""
+    if value is None:
+        return f"field {key!r} is null", True
+    if kind == "label":
+        if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+            return None
+        return f"field {key!r} must be true or false (or 1 or 0), got {_type(value)} {_short(value)}", False
+    if kind == "answers":
+        if not isinstance(value, list):
+            return f"field {key!r} must be a list of {{answer: str, rank: number}}, got {_type(value)}", True
+        for k, a in enumerate(value):
+            if not (isinstance(a, dict) and isinstance(a.get("answer"), str) and _number(a.get("rank"))):
+                got = _describe(a) if isinstance(a, dict) else _type(a)
+                return f"field {key!r}[{k}] must be {{answer: str, rank: number}}; got {got}", False
+            if not a["answer"].strip():
+                return f"field {key!r}[{k}].answer is empty", False
+        return None
+    if isinstance(value, str) and kind != "messages":
+        if not value.strip():
+            return f"field {key!r} is empty" + (" (only whitespace)" if value else ""), False
+        return None
+    if isinstance(value, list) and kind != "text":
+        if not value:
+            return f"field {key!r} is an empty message list", False
+        problem = _messages_problem(key, value)
+        return (problem, False) if problem else None
+    want = {"text": "a string", "messages": "a message list", "either": "a string or a message list"}[kind]
+    return f"field {key!r} must be {want}, got {_type(value)}", True
+
+
+def _problems(fmt: str, record: dict, opts: dict, unpaired: bool) -> list[tuple[str, bool]]:
+    """What is wrong with ``record`` as layout ``fmt`` (``unpaired``: its KTO form), as
+    ``(message, about_the_layout)`` pairs; missing fields come alone. Empty: nothing."""
+    required, same, system_key = _spec(fmt, record, opts, unpaired)
+    absent = [k for k, _ in required if k not in record]
+    if absent:
+        return [(f"missing field{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))}", True)]
+    out = [p for p in (_value_problem(k, record[k], kind) for k, kind in required) if p]
+    if not out and len(same) > 1 and len({isinstance(record[k], str) for k in same}) > 1:
+        quantifier = "both" if len(same) == 2 else "all"
+        out.append((
+            f"fields {' and '.join(map(repr, same))} must {quantifier} be strings or {quantifier} message "
+            f"lists; got {' and '.join(_type(record[k]) for k in same)}",
+            True,
+        ))
+    system = record.get(system_key)
+    if system is not None and not isinstance(system, str):
+        out.append((f"field {system_key!r} must be a string, got {_type(system)}", False))
+    return out
+
+
+def _layout_note(fmt: str, record: dict, opts: dict, unpaired: bool, forced: bool) -> str:
+    names = ", ".join(k for k, _ in _spec(fmt, record, opts, unpaired)[0])
+    form = ", unpaired" if unpaired and fmt not in ("kto", "custom") else ""
+    return f"(data_format {fmt!r}{form}: {names})" if forced else f"(layout {fmt}{form}: {names})"
+
+
+def _problem_error(problem: tuple[str, bool], note: str) -> DataError:
+    message, about_layout = problem
+    return DataError(f"{message} {note}" if about_layout else message)
+
+
+def _unrecognisable(fmt: str, record: dict, opts: dict, unpaired: bool) -> bool:
+    """Whether ``record`` has none of the fields (prompt aside) that layout ``fmt`` needs."""
+    required, _, _ = _spec(fmt, record, opts, unpaired)
+    prompt_keys = set(_PROMPT_KEYS) | {_custom_names(opts)["prompt"]}
+    return not any(record.get(k) is not None for k, _ in required if k not in prompt_keys)
+
+
+def _detect_quietly(record: dict, opts: dict) -> Optional[str]:
+    try:
+        return detect_format(record, opts)
+    except DataError:
+        return None
+
+
+def _detect_first(record: dict, opts: dict) -> str:
+    """The layout of a file's first record. One that fits none is named by the
+    layout whose fields it has with the fewest problems, or else fully described."""
+    try:
+        return detect_format(record, opts)
+    except DataError:
+        best = None
+        for fmt, unpaired in _CANDIDATES:
+            if fmt == "implicit" and any(k in record for k in _PROMPT_KEYS):
+                continue
+            if not all(k in record for k, _ in _spec(fmt, record, opts, unpaired)[0]):
+                continue
+            problems = _problems(fmt, record, opts, unpaired)
+            if problems and (best is None or len(problems) < len(best[2])):
+                best = (fmt, unpaired, problems)
+        if best is None:
+            raise
+        fmt, unpaired, problems = best
+        raise _problem_error(problems[0], _layout_note(fmt, record, opts, unpaired, forced=False)) from None
+
+
 def _resolve(record: dict, data_format: str, first: Optional[str], opts: dict, unpaired_ok: bool) -> tuple[str, bool]:
-    """``(layout, unpaired)`` of one record, checked against the forced or the first layout."""
+    """``(layout, unpaired)`` of one record, checked against the forced or the first layout.
+
+    Every field the layout needs is checked (present, of the right type, not
+    empty, messages well formed), so an error names the field.
+    """
     if data_format != "auto":
-        if unpaired_ok and _unpaired_prompt_key(data_format, record, opts) is not None:
-            return data_format, True
-        if data_format != "kto" and _matches(data_format, record, opts):
-            return data_format, False
-        if data_format == "kto" and not unpaired_ok:
+        fmt = data_format
+        if fmt == "kto" and not unpaired_ok:
             raise DataError("data_format 'kto' is unpaired data (prompt, completion, label): it needs loss_type kto")
-        raise _mismatch(data_format, record, opts, unpaired_ok)
+        unpaired = unpaired_ok and _unpaired_form(fmt, record, opts)
+        problems = _problems(fmt, record, opts, unpaired)
+        if problems:
+            if _unrecognisable(fmt, record, opts, unpaired):
+                raise _mismatch(fmt, record, opts, unpaired_ok)
+            raise _problem_error(problems[0], _layout_note(fmt, record, opts, unpaired, forced=True))
+        return fmt, unpaired
+    if first is None:
+        fmt = _detect_first(record, opts)
+        if fmt == "kto" and not unpaired_ok:
+            raise DataError(
+                "unpaired records (prompt, completion, label) are KTO data: set loss_type kto, "
+                f"or give pairs ({_known_layouts()})"
+            )
+        unpaired = fmt == "kto" or (fmt == "custom" and unpaired_ok and _unpaired_form(fmt, record, opts))
+        problems = _problems(fmt, record, opts, unpaired)
+        if problems:
+            if fmt == "custom" and _unrecognisable(fmt, record, opts, unpaired):
+                raise _mismatch(fmt, record, opts, unpaired_ok)
+            raise _problem_error(problems[0], _layout_note(fmt, record, opts, unpaired, forced=False))
+        return fmt, unpaired
     fmt = first
-    if fmt is None or not _fits(fmt, record, opts):
-        fmt = detect_format(record, opts)
-        if first is not None and fmt != first:
-            raise DataError(f"{fmt} layout, but line 1 is {first}; all records must share one layout")
-    if fmt == "kto" and not unpaired_ok:
+    unpaired = fmt == "kto" or (fmt == "custom" and unpaired_ok and _unpaired_form(fmt, record, opts))
+    problems = _problems(fmt, record, opts, unpaired)
+    stray = [k for k in _PROMPT_KEYS if record.get(k) is not None] if fmt == "implicit" else []
+    if problems or stray:
+        other = _detect_quietly(record, opts)
+        ours = [k for k, _ in _spec(fmt, record, opts, unpaired)[0]]
+        foreign = [k for k in record if k in _LAYOUT_KEYS and k not in ours and record[k] is not None]
+        if other is not None and other != fmt and (foreign or stray):
+            theirs = ", ".join(k for k, _ in _spec(other, record, opts, other == "kto")[0])
+            ours = ", ".join(ours)
+            raise DataError(f"{other} layout ({theirs}), but line 1 is {fmt} ({ours}); all records must share one layout")
+        if problems:
+            raise _problem_error(problems[0], _layout_note(fmt, record, opts, unpaired, forced=False))
         raise DataError(
-            "unpaired records (prompt, completion, label) are KTO data: set loss_type kto, "
-            f"or give pairs ({_known_layouts()})"
+            f"field {stray[0]!r} is not part of the implicit layout of line 1 (chosen, rejected: two transcripts "
+            "sharing their prompt); all records must share one layout"
         )
-    unpaired = fmt == "kto" or (fmt == "custom" and unpaired_ok and _unpaired_prompt_key(fmt, record, opts) is not None)
     return fmt, unpaired
 
 
-def _fits(fmt: str, record: dict, opts: dict) -> bool:
-    """Whether a record has the auto-detected layout ``fmt`` of the file's first record."""
-    if fmt == "kto":
-        return _unpaired_prompt_key(fmt, record, opts) is not None
-    return fmt == "custom" or _matches(fmt, record, opts)
+def _message_field(fmt: str, record: dict, opts: dict, unpaired: bool) -> Optional[str]:
+    """The first field of a (checked) record that holds a message list, if any."""
+    for key, kind in _spec(fmt, record, opts, unpaired)[0]:
+        if kind in ("messages", "either") and isinstance(record.get(key), list):
+            return key
+    return None
+
+
+def _no_template(field: str) -> DataError:
+    return DataError(f"field {field!r} is a message list, but the tokenizer of this model has no chat template")
 
 
 # ------------------------------------------------------------ normalization
@@ -448,6 +727,7 @@ class _Canon(NamedTuple):
     rejected: object
     system: Optional[str]
     require_prompt: bool = True
+    names: tuple = ("chosen", "rejected")  # the record fields the responses come from
 
 
 def _text_answer(prompt: str, answer: str) -> str:
@@ -464,11 +744,7 @@ def _number(value) -> bool:
 def _nectar(record: dict, opts: dict) -> tuple[Optional[list[_Canon]], int]:
     """The pairs of a Nectar record and how many tied pairs were skipped (None: < 2 answers)."""
     prompt, system = record["prompt"], record.get("system")
-    answers = record["answers"]
-    for k, a in enumerate(answers):
-        if not (isinstance(a, dict) and isinstance(a.get("answer"), str) and _number(a.get("rank"))):
-            got = _describe(a) if isinstance(a, dict) else type(a).__name__
-            raise DataError(f"nectar answers[{k}] must be {{answer: str, rank: number}}; got {got}")
+    answers = record["answers"]  # checked by _problems
     if len(answers) < 2:
         return None, 0
     ranked = sorted(answers, key=lambda a: a["rank"])  # stable: ties keep their order
@@ -506,11 +782,11 @@ def _custom_prompt(record: dict, opts: dict, names: dict, required: bool) -> tup
     """The mapped prompt (prompt_format applied) and system; prompt None if absent and not required."""
     system = record.get(names["system"])
     if not _is_system(system):
-        raise DataError(f"custom field {names['system']!r} (system) must be a string, got {type(system).__name__}")
+        raise DataError(f"field {names['system']!r} (system) must be a string, got {_type(system)}")
     fmt = opts.get("prompt_format")
     if names["prompt"] not in record:
         if required or "field_prompt" in opts or fmt:
-            raise DataError(f"custom layout: no prompt field {names['prompt']!r}; fields seen: {_describe(record)}")
+            raise DataError(f"missing field {names['prompt']!r} (the prompt); fields seen: {_describe(record)}")
         return None, system
     prompt = record[names["prompt"]]
     if isinstance(prompt, str):
@@ -522,9 +798,9 @@ def _custom_prompt(record: dict, opts: dict, names: dict, required: bool) -> tup
         return prompt, system
     if _is_messages(prompt):
         if fmt:
-            raise DataError("prompt_format applies to text prompts; this prompt is a message list")
+            raise DataError(f"field {names['prompt']!r} is a message list, but prompt_format applies to text prompts")
         return prompt, system
-    raise DataError(f"custom prompt field {names['prompt']!r} must be a string or a message list, got {type(prompt).__name__}")
+    raise DataError(f"field {names['prompt']!r} (the prompt) must be a string or a message list, got {_type(prompt)}")
 
 
 def _custom_pair(record: dict, opts: dict) -> _Canon:
@@ -533,15 +809,18 @@ def _custom_pair(record: dict, opts: dict) -> _Canon:
     kind = _both(chosen, rejected)
     if kind is None:
         raise DataError(
-            f"custom fields {names['chosen']!r} and {names['rejected']!r} must both be strings or both "
-            f"message lists; got {type(chosen).__name__} and {type(rejected).__name__}"
+            f"fields {names['chosen']!r} and {names['rejected']!r} must both be strings or both "
+            f"message lists; got {_type(chosen)} and {_type(rejected)}"
         )
     prompt, system = _custom_prompt(record, opts, names, required=False)
     if prompt is None:
-        return _Canon(None, chosen, rejected, system, require_prompt=False)
+        return _Canon(None, chosen, rejected, system, require_prompt=False, names=(names["chosen"], names["rejected"]))
     if (kind == "text") != isinstance(prompt, str):
-        raise DataError("custom prompt and responses must both be text or both message lists")
-    return _Canon(prompt, chosen, rejected, system)
+        raise DataError(
+            f"fields {names['prompt']!r}, {names['chosen']!r} and {names['rejected']!r} must all be text "
+            "or all message lists"
+        )
+    return _Canon(prompt, chosen, rejected, system, names=(names["chosen"], names["rejected"]))
 
 
 def _normalize_pair(record: dict, fmt: str, opts: dict) -> _Canon:
@@ -551,7 +830,7 @@ def _normalize_pair(record: dict, fmt: str, opts: dict) -> _Canon:
     system = record.get("system")
     if fmt in _TEXT_PROMPT:
         c, r = _RESPONSES.get(fmt, ("chosen", "rejected"))
-        return _Canon(record[_TEXT_PROMPT[fmt]], record[c], record[r], system)
+        return _Canon(record[_TEXT_PROMPT[fmt]], record[c], record[r], system, names=(c, r))
     if fmt == "conversational":
         return _Canon(record["prompt"], record["chosen"], record["rejected"], system)
     if fmt in ("implicit", "argilla_chat"):
@@ -584,16 +863,18 @@ def _confidence(record: dict) -> Optional[float]:
     if value is None:
         return None
     if not (_number(value) and 0.5 <= value <= 1.0):
-        raise DataError(f"confidence must be a number in [0.5, 1] (the probability that chosen is better), got {value!r}")
+        raise DataError(
+            f"field 'confidence' must be a number in [0.5, 1] (the probability that chosen is better), "
+            f"got {_short(value)}"
+        )
     return float(value)
 
 
-def _label(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    raise DataError(f"label must be true or false, got {value!r}")
+def _label(value, key: str = "label") -> bool:
+    problem = _value_problem(key, value, "label")
+    if problem:
+        raise DataError(problem[0])
+    return bool(value)
 
 
 def _unpaired(record: dict, fmt: str, opts: dict) -> tuple:
@@ -604,11 +885,11 @@ def _unpaired(record: dict, fmt: str, opts: dict) -> tuple:
         prompt, system = _custom_prompt(record, opts, names, required=True)
         if _both(prompt, completion) is None:
             raise DataError(
-                f"custom prompt and completion must both be strings or both message lists; got "
-                f"{type(prompt).__name__} and {type(completion).__name__}"
+                f"fields {names['prompt']!r} and {names['completion']!r} must both be strings or both message "
+                f"lists; got {_type(prompt)} and {_type(completion)}"
             )
-        return prompt, completion, system, _label(record[names["label"]])
-    key = _unpaired_prompt_key(fmt, record, opts)
+        return prompt, completion, system, _label(record[names["label"]], names["label"])
+    key = _spec(fmt, record, opts, True)[0][0][0]  # the prompt field it uses
     return record[key], record["completion"], record.get("system"), _label(record["label"])
 
 
@@ -683,11 +964,11 @@ def _with_eos(ids: list[int], tokenizer) -> list[int]:
 
 def _check_response(response, name: str) -> None:
     if isinstance(response, str):
-        text = response
+        empty = not response.strip()
     else:
-        text = "".join(str(m.get("content") or "") for m in response)
-    if not text.strip():
-        raise DataError(f"empty {name} response")
+        empty = not any(m.get("tool_calls") or str(m.get("content") or "").strip() for m in response)
+    if empty:
+        raise DataError(f"field {name!r} has an empty response")
 
 
 def _tokenize_text(prompt: str, responses: tuple, tokenizer) -> tuple:
@@ -706,14 +987,27 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(has)
 
 
+def _render(tokenizer, messages: list, **kwargs):
+    """``tokenizer.apply_chat_template``, a template's refusal (``raise_exception``,
+    a missing key) turned into a DataError."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # no jinja2, no chat templates: nothing of its own to catch
+        TemplateError = ()
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except TemplateError as e:
+        raise DataError(f"the chat template of this model rejects the messages: {_one_line(e)}") from None
+
+
 def _tokenize_messages(prompt: list, responses: tuple, tokenizer) -> tuple:
     if not _has_chat_template(tokenizer):
-        raise DataError("tokenizer has no chat template, which message-list records need")
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        raise DataError("the tokenizer of this model has no chat template, which message-list records need")
+    prompt_text = _render(tokenizer, prompt, add_generation_prompt=True, tokenize=False)
     # The rendered prompt already carries any BOS text, so no special tokens.
     out = [tokenizer.encode(prompt_text, add_special_tokens=False)]
     for response in responses:
-        full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        full_text = _render(tokenizer, prompt + response, tokenize=False)
         if not full_text.startswith(prompt_text):
             raise DataError(
                 "the chat template renders the prompt differently once a response follows, "
@@ -746,7 +1040,7 @@ def _tokenize_parts(prompt, responses: tuple, names: tuple, system, tokenizer, r
 
 def _tokenize_canon(canon: _Canon, tokenizer) -> tuple:
     prompt, chosen, rejected = _split(canon)
-    return _tokenize_parts(prompt, (chosen, rejected), ("chosen", "rejected"), canon.system, tokenizer, canon.require_prompt)
+    return _tokenize_parts(prompt, (chosen, rejected), canon.names, canon.system, tokenizer, canon.require_prompt)
 
 
 def tokenize_pair(
@@ -759,14 +1053,43 @@ def tokenize_pair(
     record holds several pairs: use ``build_pairs``.
     """
     opts = _check_options(options)
-    if fmt == "auto":
-        fmt = detect_format(record, opts)
     if fmt not in DATA_FORMATS or fmt in ("nectar", "kto"):
         raise DataError(f"tokenize_pair takes one pair of a paired layout, not {fmt!r}; see build_pairs/build_kto")
+    fmt, _ = _resolve(record, fmt, None, opts, unpaired_ok=False)
+    if fmt == "nectar":
+        raise DataError("tokenize_pair takes one pair of a paired layout, not 'nectar'; see build_pairs/build_kto")
+    _check_template(fmt, record, opts, False, _has_chat_template(tokenizer))
     return _tokenize_canon(_normalize_pair(record, fmt, opts), tokenizer)
 
 
+def _check_template(fmt: str, record: dict, opts: dict, unpaired: bool, has_template: bool) -> None:
+    """A message-list record needs a chat template: say which field has one."""
+    if not has_template:
+        field = _message_field(fmt, record, opts, unpaired)
+        if field is not None:
+            raise _no_template(field)
+
+
 # ------------------------------------------------------------------ builders
+
+
+def _check_records(records, data_format: str, opts: dict, unpaired_ok: bool, tokenizer) -> list[tuple[str, bool]]:
+    """``(layout, unpaired)`` of every record, all checked before any is tokenized,
+    so a bad record anywhere is reported at once; errors name the line and field."""
+    has_template = _has_chat_template(tokenizer)
+    layouts = []
+    first = None
+    for line, record in enumerate(records, 1):
+        try:
+            fmt, unpaired = _resolve(record, data_format, first, opts, unpaired_ok)
+            first = first or fmt
+            _check_template(fmt, record, opts, unpaired, has_template)
+            if not unpaired:
+                _confidence(record)
+        except DataError as e:
+            raise DataError(f"{_at(records, line)}: {e}") from None
+        layouts.append((fmt, unpaired))
+    return layouts
 
 
 def build_pairs(
@@ -794,11 +1117,9 @@ def build_pairs(
     stats = {"pairs": 0, "truncated": 0, "dropped_long_prompt": 0, "dropped_identical": 0}
     pairs, confidences = [], []
     has_confidence = False
-    first = None
-    for line, record in enumerate(records, 1):
+    layouts = _check_records(records, data_format, opts, False, tokenizer)
+    for line, (record, (fmt, _)) in enumerate(zip(records, layouts), 1):
         try:
-            fmt, _ = _resolve(record, data_format, first, opts, unpaired_ok=False)
-            first = first or fmt
             canons, tied = _pairs_of(record, fmt, opts)
             confidence = _confidence(record)
             if fmt == "nectar":
@@ -814,7 +1135,7 @@ def build_pairs(
                     continue
                 tokenized.append(_tokenize_canon(canon, tokenizer))
         except DataError as e:
-            raise DataError(f"line {line}: {e}") from None
+            raise DataError(f"{_at(records, line)}: {e}") from None
         has_confidence = has_confidence or confidence is not None
         for prompt, chosen, rejected in tokenized:
             if chosen == rejected:
@@ -858,18 +1179,15 @@ def build_kto(
     opts = _check_options(options)
     stats = {"examples": 0, "desirable": 0, "undesirable": 0, "truncated": 0, "dropped_long_prompt": 0}
     tokenized = []  # (prompt ids, completion ids, label)
-    first = None
-    for line, record in enumerate(records, 1):
+    layouts = _check_records(records, data_format, opts, True, tokenizer)
+    for line, (record, (fmt, unpaired)) in enumerate(zip(records, layouts), 1):
         try:
-            fmt, unpaired = _resolve(record, data_format, first, opts, unpaired_ok=True)
-            first = first or fmt
             if unpaired:
                 prompt, completion, system, label = _unpaired(record, fmt, opts)
-                prompt_ids, completion_ids = _tokenize_parts(prompt, (completion,), ("completion",), system, tokenizer)
+                name = _custom_names(opts)["completion"] if fmt == "custom" else "completion"
+                prompt_ids, completion_ids = _tokenize_parts(prompt, (completion,), (name,), system, tokenizer)
                 tokenized.append((prompt_ids, completion_ids, label))
                 continue
-            if not _matches(fmt, record, opts):
-                raise _mismatch(fmt, record, opts, unpaired_too=True)
             stats.setdefault("dropped_identical", 0)
             canons, _ = _pairs_of(record, fmt, opts)
             if canons is None:
@@ -887,7 +1205,7 @@ def build_kto(
                         seen.add(key)
                         tokenized.append((prompt_ids, ids, label))
         except DataError as e:
-            raise DataError(f"line {line}: {e}") from None
+            raise DataError(f"{_at(records, line)}: {e}") from None
     kept = []
     for prompt_ids, completion_ids, label in tokenized:
         if len(prompt_ids) >= max_seq_length:
@@ -896,8 +1214,8 @@ def build_kto(
             kept.append((prompt_ids, completion_ids, label))
     if len(kept) < 2:
         raise DataError(
-            f"KTO needs at least 2 examples (each prompt is paired with another example's completion "
-            f"for the KL estimate); {len(kept)} left"
+            f"{_in(records)}KTO needs at least 2 examples (each prompt is paired with another example's "
+            f"completion for the KL estimate); {len(kept)} left"
         )
     order = np.random.default_rng(seed).permutation(len(kept))
     partner = np.empty(len(kept), dtype=np.int64)
@@ -915,32 +1233,86 @@ def build_kto(
     return Dataset(examples, {"label": np.array(labels, dtype=np.float32)}), stats
 
 
+def _sft_layout(record: dict, features: dict) -> tuple[str, tuple]:
+    """mlx-lm's SFT layout of a first record (as ``create_dataset`` picks it) and its fields."""
+    prompt = features.get("prompt_feature") or "prompt"
+    completion = features.get("completion_feature") or "completion"
+    chat = features.get("chat_feature") or "messages"
+    text = features.get("text_feature") or "text"
+    if prompt in record and completion in record:
+        return "completions", ((prompt, "text"), (completion, "text"))
+    if chat in record:
+        return "chat", ((chat, "messages"),)
+    if text in record:
+        return "text", ((text, "text"),)
+    raise DataError(
+        f"unrecognised SFT record layout; fields seen: {_describe(record)}. mlx-lm's layouts: "
+        f"text {{{text}: str}}; chat {{{chat}: [messages], tools?}}; completions {{{prompt}: str, {completion}: str}}"
+    )
+
+
+def _check_sft(records, tokenizer, mask_prompt: bool, features: dict) -> None:
+    """Check every SFT record against the layout of the first, naming line and field."""
+    n = 1
+    try:
+        layout, fields = _sft_layout(records[0], features)
+        if layout == "text" and mask_prompt:
+            raise DataError(
+                f"field {fields[0][0]!r}: text records have no prompt to mask; mask_prompt needs "
+                "completions or chat records"
+            )
+        if layout != "text" and not _has_chat_template(tokenizer):
+            if layout == "chat":
+                raise _no_template(fields[0][0])
+            raise DataError(
+                f"fields {fields[0][0]!r} and {fields[1][0]!r} are rendered as a chat (mlx-lm's completions "
+                "layout), but the tokenizer of this model has no chat template"
+            )
+        note = f"(SFT layout {layout}: {', '.join(k for k, _ in fields)})"
+        for n, record in enumerate(records, 1):
+            absent = [k for k, _ in fields if k not in record]
+            if absent:
+                s = "s" if len(absent) > 1 else ""
+                raise DataError(f"missing field{s} {', '.join(map(repr, absent))} {note}")
+            for key, kind in fields:
+                problem = _value_problem(key, record[key], kind)
+                if problem:
+                    raise _problem_error(problem, note)
+    except DataError as e:
+        raise DataError(f"{_at(records, n)}: {e}") from None
+
+
 def build_sft(
     records: list[dict], tokenizer, max_seq_length: int, mask_prompt: bool, **features
 ) -> tuple[list[Example], dict]:
     """Tokenize SFT records with mlx-lm's own datasets into ``((tokens, offset),)``.
 
     ``features`` (``prompt_feature``, ``completion_feature``, ``text_feature``,
-    ``chat_feature``) rename the record fields as in mlx-lm. Examples whose
-    masked prompt fills ``max_seq_length`` are dropped: nothing would be trained.
+    ``chat_feature``) rename the record fields as in mlx-lm. Every record is
+    checked against the layout of the first before any is tokenized. Examples
+    whose masked prompt fills ``max_seq_length`` are dropped: nothing would be trained.
     """
     from mlx_lm.tuner.datasets import create_dataset
 
     stats = {"examples": 0, "truncated": 0, "dropped_long_prompt": 0}
     if not records:
         return [], stats
-    config = types.SimpleNamespace(
-        mask_prompt=mask_prompt, **{k: v for k, v in features.items() if v is not None}
-    )
+    features = {k: v for k, v in features.items() if v is not None}
+    _check_sft(records, tokenizer, mask_prompt, features)
+    config = types.SimpleNamespace(mask_prompt=mask_prompt, **features)
+    dataset = create_dataset(records, tokenizer, config)
     try:
-        dataset = create_dataset(records, tokenizer, config)
-    except ValueError as e:
-        raise DataError(f"line 1: {e}") from None
-    return sft_examples(dataset, max_seq_length, mask_prompt)
+        return sft_examples(dataset, max_seq_length, mask_prompt)
+    except DataError as e:
+        raise DataError(f"{_in(records)}{e}") from None
 
 
 def sft_examples(dataset, max_seq_length: int, mask_prompt: bool) -> tuple[list[Example], dict]:
     """Examples from an mlx-lm dataset object (``dataset[i]`` a record, ``.process`` its tokenizer)."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        TemplateError = ()
     stats = {"examples": 0, "truncated": 0, "dropped_long_prompt": 0}
     examples = []
     for line in range(1, len(dataset) + 1):
@@ -948,6 +1320,8 @@ def sft_examples(dataset, max_seq_length: int, mask_prompt: bool) -> tuple[list[
             tokens, offset = dataset.process(dataset[line - 1])
         except (KeyError, TypeError, IndexError) as e:
             raise DataError(f"line {line}: record does not match the layout of line 1 ({e!r})") from None
+        except TemplateError as e:
+            raise DataError(f"line {line}: the chat template of this model rejects the messages: {_one_line(e)}") from None
         tokens = list(tokens)
         if mask_prompt and offset >= max_seq_length:
             stats["dropped_long_prompt"] += 1
@@ -1022,15 +1396,15 @@ def load_datasets(
         if records is None:
             out[split] = None
             continue
-        try:
-            if kind == "sft":
-                examples, stats = build_sft(records, tokenizer, max_seq_length, mask_prompt, **features)
-            elif kind == "kto":
-                examples, stats = build_kto(records, tokenizer, max_seq_length, data_format, options, seed=seed)
-            else:
-                examples, stats = build_pairs(records, tokenizer, max_seq_length, data_format, options)
-        except DataError as e:
-            raise DataError(f"{data} ({split}): {e}") from None
+        if not isinstance(records, Records):
+            records = Records(records, source=f"{data} ({split})")
+        # Errors name the file (or hub split), the line and the field.
+        if kind == "sft":
+            examples, stats = build_sft(records, tokenizer, max_seq_length, mask_prompt, **features)
+        elif kind == "kto":
+            examples, stats = build_kto(records, tokenizer, max_seq_length, data_format, options, seed=seed)
+        else:
+            examples, stats = build_pairs(records, tokenizer, max_seq_length, data_format, options)
         print(_summary(split, stats, max_seq_length))
         out[split] = examples
     return out

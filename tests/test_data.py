@@ -94,7 +94,7 @@ def test_no_bos_where_tokenizer_adds_none(tiny_tokenizer):
 
 def test_empty_response_is_an_error(tiny_tokenizer):
     rec = {"prompt": "Write a review.", "chosen": "", "rejected": "awful"}
-    with pytest.raises(DataError, match="empty chosen"):
+    with pytest.raises(DataError, match="field 'chosen' is empty"):
         tokenize_pair(rec, tiny_tokenizer, "standard")
 
 

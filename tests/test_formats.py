@@ -210,7 +210,7 @@ def test_nectar_ties_and_message_prompts(tiny_tokenizer):
 
 
 def test_nectar_bad_answers_and_option(tiny_tokenizer):
-    with pytest.raises(DataError, match=r"line 1: nectar answers\[1\]"):
+    with pytest.raises(DataError, match=r"line 1: field 'answers'\[1\] must be \{answer: str, rank: number\}"):
         build_pairs([{"prompt": "q", "answers": [{"answer": "a", "rank": 1}, {"answer": "b"}]}], tiny_tokenizer, 512)
     with pytest.raises(DataError, match="nectar_pairs"):
         build_pairs([NECTAR], tiny_tokenizer, 512, options={"nectar_pairs": "all"})
@@ -255,7 +255,7 @@ def test_custom_errors(tiny_tokenizer):
     with pytest.raises(DataError, match=r"line 1: .*'custom'.*\{q\?, good, bad, system\?\}"):
         build_pairs([{"q": "x", "chosen": "a", "rejected": "b"}], tok, 512,
                     options={"field_prompt": "q", "field_chosen": "good", "field_rejected": "bad"})
-    with pytest.raises(DataError, match="no prompt field 'q'"):
+    with pytest.raises(DataError, match="missing field 'q'"):
         build_pairs([{"chosen": "a", "rejected": "b"}], tok, 512, options={"field_prompt": "q"})
     with pytest.raises(DataError, match=r"must use \{prompt\}"):
         build_pairs([], tok, 512, options={"prompt_format": "Question: {question}"})
@@ -295,7 +295,7 @@ def test_confidence_only_when_given_and_checked(tiny_tokenizer):
     for bad in (0.4, 1.5, True, "0.9"):
         recs = preference_records(3)
         recs[2]["confidence"] = bad
-        with pytest.raises(DataError, match="line 3: confidence"):
+        with pytest.raises(DataError, match="line 3: field 'confidence'"):
             build_pairs(recs, tok, 512)
 
 
@@ -405,7 +405,7 @@ def test_kto_custom_mapping_and_forced_layouts(tiny_tokenizer):
     icr = [{"input": f"Review item {i}.", "completion": f"answer {i}", "label": bool(i)} for i in range(2)]
     ds, _ = build_kto(icr, tok, 512, data_format="icr")
     assert ds[1][0][0] == sum(text_ids(tok, "Review item 1.", "answer 1"), [])
-    with pytest.raises(DataError, match="line 1: record does not match data_format 'chatml.intel'.*unpaired"):
+    with pytest.raises(DataError, match=r"line 1: missing field 'question' \(data_format 'chatml.intel', unpaired"):
         build_kto(icr, tok, 512, data_format="chatml.intel")
 
 
@@ -425,7 +425,7 @@ def test_kto_lengths_and_errors(tiny_tokenizer):
         build_kto(kto_records(1), tok, 512)
     bad = kto_records(2)
     bad[1]["label"] = "yes"
-    with pytest.raises(DataError, match="line 2: label"):
+    with pytest.raises(DataError, match="line 2: field 'label' must be true or false"):
         build_kto(bad, tok, 512)
     with pytest.raises(DataError, match="line 3: .*all records must share one layout"):
         build_kto(kto_records(2) + preference_records(1), tok, 512)
@@ -466,7 +466,7 @@ def test_forced_format_mismatch_names_the_line_and_layout(tiny_tokenizer):
     with pytest.raises(DataError, match=r"line 1: record does not match data_format 'argilla' \{instruction"):
         build_pairs(recs, tok, 512, data_format="argilla")
     recs[1] = {"question": "x", "chosen": "a", "rejected": "b"}
-    with pytest.raises(DataError, match=r"line 2: record does not match data_format 'standard'.*question \(str\)"):
+    with pytest.raises(DataError, match=r"line 2: missing field 'prompt' \(data_format 'standard': prompt, chosen, rejected\)"):
         build_pairs(recs, tok, 512, data_format="standard")
     with pytest.raises(DataError, match="unknown data_format"):
         build_pairs(recs, tok, 512, data_format="alpaca")
@@ -578,5 +578,5 @@ def test_load_datasets_kto_and_options(tmp_path, tiny_tokenizer, capsys):
     write_jsonl(tmp_path / "train.jsonl", [NECTAR] * 2)
     out = load_datasets(str(tmp_path), tiny_tokenizer, "ipo", 512, splits=("train",), options={"nectar_pairs": "adjacent"})
     assert len(out["train"]) == 6
-    with pytest.raises(DataError, match=r"\(train\): line 1: record does not match data_format 'ultra'"):
+    with pytest.raises(DataError, match=r"train.jsonl: line 1: record does not match data_format 'ultra'"):
         load_datasets(str(tmp_path), tiny_tokenizer, "dpo", 512, splits=("train",), data_format="ultra")
