@@ -169,9 +169,33 @@ def validate(cfg: dict[str, Any]) -> None:
             check_combination(cfg.get("loss_type", DEFAULTS["loss_type"]), cfg.get("loss_weights"))
         except ValueError as e:
             raise ConfigError(f"invalid value for 'loss_type': {e}") from None
-    for key in cfg.get("lr_schedule") or {}:
-        if key not in LR_SCHEDULE_KEYS:
-            raise ConfigError(f"unknown key 'lr_schedule.{key}'{_closest(key, LR_SCHEDULE_KEYS)}")
+    schedule = cfg.get("lr_schedule")
+    if schedule:
+        for key in schedule:
+            if key not in LR_SCHEDULE_KEYS:
+                raise ConfigError(f"unknown key 'lr_schedule.{key}'{_closest(key, LR_SCHEDULE_KEYS)}")
+        _check_schedule(schedule)
+
+
+def _check_schedule(schedule: dict) -> None:
+    """Build the schedule once (as mlx-lm will) so a bad name or argument list fails here, in one line."""
+    import mlx.optimizers as optim
+    from mlx_lm.tuner.utils import build_schedule
+
+    name = schedule.get("name")
+    if not isinstance(name, str) or not callable(getattr(optim.schedulers, name, None)) or name.startswith("_"):
+        known = [n for n in dir(optim.schedulers) if n.endswith("_decay") or n.endswith("_schedule")]
+        raise ConfigError(f"invalid value for 'lr_schedule.name': {name!r}{_closest(str(name), known)} (one of {', '.join(known)})")
+    args = schedule.get("arguments")
+    if not isinstance(args, list) or not args or not all(_is_num(a) for a in args):
+        raise ConfigError(f"invalid value for 'lr_schedule.arguments': {args!r} (expected a list of numbers, the first the initial rate)")
+    for key in ("warmup", "warmup_init"):
+        if key in schedule and not (_is_num(schedule[key]) and schedule[key] >= 0):
+            raise ConfigError(f"invalid value for 'lr_schedule.{key}': {schedule[key]!r} (expected a number >= 0)")
+    try:
+        build_schedule(schedule)(0)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid 'lr_schedule' for {name}: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
