@@ -38,6 +38,7 @@ from .objectives import confidence_supported, data_kind, make_loss, needs_refere
 from .logps import auto_chunk_size  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
 from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, state_file_for  # noqa: E402
+from .metrics_log import MetricsLogger  # noqa: E402
 from .trainer import CallbackList, NonFiniteError, TrainingArgs, TrainingInterrupted, evaluate, train  # noqa: E402
 
 OPTIMIZERS = {
@@ -307,15 +308,23 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             compile=args.compile,
             skip_nonfinite=args.skip_nonfinite,
         )
+        callbacks = [training_callback]
+        if mx.distributed.init().rank() == 0:
+            callbacks.append(MetricsLogger(adapter_path, start))
         if args.report_to:
-            reporter = get_reporting_callbacks(args.report_to, project_name=args.project_name, log_dir=args.adapter_path, config=public(args))
-            training_callback = CallbackList([training_callback, reporter])
+            try:
+                callbacks.append(
+                    get_reporting_callbacks(args.report_to, project_name=args.project_name, log_dir=args.adapter_path, config=public(args))
+                )
+            except (ImportError, ValueError) as e:  # e.g. wandb not installed, an unknown service
+                raise ConfigError(f"invalid value for 'report_to': {args.report_to!r} ({e})") from None
+        training_callback = CallbackList(callbacks)
         rank0_print(f"Training with loss_type={args.loss_type} for {args.iters} iterations")
         train(model, optimizer, loss_fn, sets["train"], sets.get("valid"), batches, training_args, training_callback, start)
 
     if not args.test:
         return {}
-    metrics = evaluate(model, loss_fn, sets["test"], args.batch_size, args.test_batches, batches)
+    metrics = evaluate(model, loss_fn, sets["test"], args.batch_size, args.test_batches, batches, "Testing")
     metrics = {k: v for k, v in metrics.items() if k not in ("weight",)}
     if data_kind(args.loss_type) == "sft":
         metrics["ppl"] = math.exp(metrics["loss"])

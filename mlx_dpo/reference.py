@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .data import Dataset, as_dataset
 from .logps import get_batched_logps
+from .progress import Progress
 
 ReferenceFn = Callable[[mx.array, mx.array], mx.array]
 
@@ -156,11 +157,9 @@ def cached_reference(
     if path.is_file():
         print(f"Reference log-probs for {split}: reusing {path}")
         return as_dataset(examples).with_fields(reference_logps=np.array(mx.load(str(path))["reference_logps"]))
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(examples), desc=f"Reference log-probs ({split})", unit="ex", disable=not show_progress)
-    values = compute_reference_logps(reference, examples, batch_size, pad_id, bar.update)
-    bar.close()
+    rank0 = mx.distributed.init().rank() == 0
+    with Progress(len(examples), f"Reference log-probs ({split})", unit="ex", enabled=show_progress and rank0) as bar:
+        values = compute_reference_logps(reference, examples, batch_size, pad_id, bar.update)
     if mx.distributed.init().rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.tmp.safetensors")

@@ -29,6 +29,7 @@ from mlx_lm.tuner.trainer import grad_checkpoint
 from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .checkpoint import save_checkpoint
+from .progress import Progress
 from .objectives import LossFn, is_summed
 
 BatchIterator = Callable[..., Iterator[dict]]
@@ -94,17 +95,23 @@ def evaluate(
     batch_size: int,
     num_batches: int,
     iterate_batches: BatchIterator,
+    desc: str = "Evaluating",
 ) -> dict[str, float]:
-    """Weighted mean metrics over ``num_batches`` batches (-1: the whole set)."""
+    """Weighted mean metrics over ``num_batches`` batches (-1: the whole set), with progress."""
     model.eval()
     acc = MetricSum()
-    batches = iterate_batches(dataset, batch_size, loop=False, shuffle=False, drop_last=False, comm_group=mx.distributed.init())
-    for i, batch in enumerate(batches):
-        if num_batches != -1 and i >= num_batches:
-            break
-        loss, metrics = loss_fn(model, batch)
-        acc.add(loss, metrics)
-        mx.eval(acc.arrays())
+    world = mx.distributed.init()
+    total = -(-len(dataset) // batch_size)
+    total = total if num_batches == -1 else min(total, num_batches)
+    batches = iterate_batches(dataset, batch_size, loop=False, shuffle=False, drop_last=False, comm_group=world)
+    with Progress(total, desc, unit="batch", enabled=world.rank() == 0, leave=False, interval=30.0) as bar:
+        for i, batch in enumerate(batches):
+            if num_batches != -1 and i >= num_batches:
+                break
+            loss, metrics = loss_fn(model, batch)
+            acc.add(loss, metrics)
+            mx.eval(acc.arrays())
+            bar.update()
     return acc.result()
 
 
@@ -232,14 +239,16 @@ def train(
         last_saved = adapter_file
 
     model.train()
-    with _stop_signals() as stop:
+    bar = Progress(args.iters, "Training", initial=start_step, enabled=rank == 0)
+    say = bar.write
+    with _stop_signals() as stop, bar:
         for it in range(start_step + 1, args.iters + 1):
             if val_dataset and args.val_batches != 0 and (it == start_step + 1 or it % args.steps_per_eval == 0 or it == args.iters):
                 tic = time.perf_counter()
-                val = evaluate(model, loss_fn, val_dataset, args.batch_size, args.val_batches, iterate_batches)
+                val = evaluate(model, loss_fn, val_dataset, args.batch_size, args.val_batches, iterate_batches, "Validating")
                 model.train()
                 val_time = time.perf_counter() - tic
-                _rank0_print(f"Iter {it - 1}: {format_metrics(val, prefix='Val ')}, val took {val_time:.2f}s")
+                say(f"Iter {it - 1}: {format_metrics(val, prefix='Val ')}, val took {val_time:.2f}s")
                 if training_callback is not None:
                     training_callback.on_val_loss_report(
                         {"iteration": it - 1, "val_loss": val["loss"], "val_time": val_time, **{f"val_{k}": v for k, v in val.items()}}
@@ -255,7 +264,7 @@ def train(
                 if not args.skip_nonfinite:
                     raise NonFiniteError(it, np.array(batch["index"]).tolist(), last_saved)
                 skipped += 1
-                _rank0_print(f"Iter {it}: non-finite loss or gradient, batch of examples {np.array(batch['index']).tolist()} skipped ({skipped} so far)")
+                say(f"Iter {it}: non-finite loss or gradient, batch of examples {np.array(batch['index']).tolist()} skipped ({skipped} so far)")
                 grad = None  # drop this batch and whatever it was accumulated with
             else:
                 window.add(loss, metrics)
@@ -267,6 +276,7 @@ def train(
             if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
                 mx.clear_cache()
             train_time += time.perf_counter() - tic
+            bar.update()
 
             if (it % args.steps_per_report == 0 or it == args.iters) and window.sums:
                 steps = (it - 1) % args.steps_per_report + 1
@@ -283,7 +293,7 @@ def train(
                     "peak_memory": mx.get_peak_memory() / 1e9,
                     "skipped_nonfinite": skipped,
                 }
-                _rank0_print(
+                say(
                     f"Iter {it}: {format_metrics(report, prefix='Train ')}, "
                     f"lr {info['learning_rate']:.3e}, it/s {info['iterations_per_second']:.3f}, "
                     f"tok/s {info['tokens_per_second']:.1f}, peak mem {info['peak_memory']:.3f} GB"
@@ -295,7 +305,7 @@ def train(
             at_boundary = grad is None  # no half-accumulated gradient would be lost
             if it % args.steps_per_save == 0 and at_boundary:
                 checkpoint(it)
-                _rank0_print(f"Iter {it}: saved adapters and training state to {adapter_file.parent}.")
+                say(f"Iter {it}: saved adapters and training state to {adapter_file.parent}.")
             signalled = mx.distributed.all_sum(mx.array(float(len(stop))), stream=mx.cpu).item() if world.size() > 1 else len(stop)
             if signalled and at_boundary:
                 checkpoint(it)
