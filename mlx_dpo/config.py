@@ -169,6 +169,12 @@ def validate(cfg: dict[str, Any]) -> None:
             check_combination(cfg.get("loss_type", DEFAULTS["loss_type"]), cfg.get("loss_weights"))
         except ValueError as e:
             raise ConfigError(f"invalid value for 'loss_type': {e}") from None
+    save_every, accumulate = cfg.get("save_every"), cfg.get("grad_accumulation_steps")
+    if _is_int(save_every) and _is_int(accumulate) and accumulate > 0 and save_every % accumulate:
+        raise ConfigError(
+            f"invalid value for 'save_every': {save_every} (must be a multiple of grad_accumulation_steps="
+            f"{accumulate}, so no checkpoint falls inside an accumulation)"
+        )
     schedule = cfg.get("lr_schedule")
     if schedule:
         for key in schedule:

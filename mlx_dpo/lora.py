@@ -283,11 +283,6 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     )
 
     if args.train:
-        if args.save_every % args.grad_accumulation_steps:
-            raise ConfigError(
-                f"invalid value for 'save_every': {args.save_every} (must be a multiple of grad_accumulation_steps="
-                f"{args.grad_accumulation_steps}, so no checkpoint falls inside an accumulation)"
-            )
         optimizer = build_optimizer(args)
         start = restore_checkpoint(model, optimizer, path) if (path := resume_file(args)) else 0
         adapter_path.mkdir(parents=True, exist_ok=True)
