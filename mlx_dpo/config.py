@@ -207,7 +207,8 @@ def _check_schedule(schedule: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """mlx-lm's LoRA flags, plus the preference ones; every default is None so the file wins."""
     parser = mlx_lm_parser()
-    parser.description = "LoRA, DoRA or full fine-tuning with DPO or SFT in MLX."
+    parser.prog = "mlx_dpo.lora"
+    parser.description = "LoRA, DoRA or full fine-tuning with DPO, its family, or SFT in MLX."
     parser.add_argument("--loss-type", type=str, choices=LOSS_TYPES, help="Training objective (default: dpo); a list only in the YAML file.")
     parser.add_argument("--data-format", type=str, help="Dataset layout (default: auto-detect per file).")
     parser.add_argument("--beta", type=float, help="DPO temperature β (default: 0.1).")

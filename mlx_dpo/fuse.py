@@ -1,9 +1,9 @@
 """``python -m mlx_dpo.fuse``: merge trained adapters into the base weights.
 
 The result is a standalone Hugging Face-layout model. Fusing into a quantized
-base and re-quantizing loses most of a small adapter's effect (it rounds the
-delta away), so ``--dequantize`` writes the fused model in full precision;
-without it a warning says what is lost.
+base and re-quantizing rounds the adapter's (small) weight delta to the
+quantization grid, which can lose part of its effect; ``--dequantize`` writes
+the fused model in full precision, and without it a warning says so.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
     quantized = "quantization" in config or "quantization_config" in config
     if quantized and not args.dequantize:
         print(
-            "[WARNING] The base model is quantized: re-quantizing the fused weights rounds away much "
-            "of the adapter's effect. Pass --dequantize to keep it."
+            "[WARNING] The base model is quantized: re-quantizing the fused weights rounds the adapter's "
+            "delta to the quantization grid and can lose part of its effect. Pass --dequantize to keep it exactly."
         )
     model = fuse_model(model, args.dequantize)
     if args.dequantize:

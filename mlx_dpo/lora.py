@@ -227,6 +227,9 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     mx.random.seed(args.seed)
     if not args.train and not args.test:
         raise ConfigError("nothing to do: set 'train: true' and/or 'test: true' (or pass --train / --test)")
+    world = mx.distributed.init().size()
+    if args.batch_size % world:
+        raise ConfigError(f"invalid value for 'batch_size': {args.batch_size} (must be divisible by the {world} processes)")
     if args.train and not args.adapter_path:
         raise ConfigError("invalid value for 'adapter_path': '' (training needs a folder to write to)")
     if not args.train:
@@ -285,8 +288,9 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     if args.train:
         optimizer = build_optimizer(args)
         start = restore_checkpoint(model, optimizer, path) if (path := resume_file(args)) else 0
-        adapter_path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(adapter_path / "adapter_config.json", public(args))
+        if mx.distributed.init().rank() == 0:
+            adapter_path.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(adapter_path / "adapter_config.json", public(args))
         training_args = TrainingArgs(
             batch_size=args.batch_size,
             iters=args.iters,

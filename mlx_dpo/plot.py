@@ -3,7 +3,7 @@
 Panels for loss, reward accuracy, reward margin and chosen/rejected rewards,
 train (line) and eval (markers) together; panels whose metrics were never
 logged are marked "not logged" (a run with only a loss, such as SFT, gets the
-loss panel alone). Needs matplotlib: ``pip install "mlx-dpo[plot]"``.
+loss panel alone). Needs matplotlib: ``pip install matplotlib`` (or the ``plot`` extra).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        fail('matplotlib is needed: pip install "mlx-dpo[plot]"')
+        fail("matplotlib is needed: pip install matplotlib (or: pip install -e \".[plot]\" in a checkout)")
     out = plot_metrics(records, args.out or folder / "metrics.png", run_title(folder))
     print(f"Wrote {out}")
 

@@ -448,3 +448,17 @@ def test_prompt_exactly_max_length_is_dropped(tiny_tokenizer):
     pairs, stats = build_pairs(recs, tiny_tokenizer, len(prompt) + 1)
     assert stats["pairs"] == 1 and stats["truncated"] == 1
     assert pairs[0][0] == (prompt + chosen[:1], len(prompt))
+
+
+def test_pairs_identical_after_truncation_are_dropped(tiny_tokenizer):
+    from mlx_dpo.data import build_pairs
+
+    shared = "the park was lovely and the staff was great and the food was fresh"
+    recs = [{"prompt": "Write a review.", "chosen": shared + " indeed.", "rejected": shared + " sadly not."},
+            {"prompt": "Write a review.", "chosen": "lovely.", "rejected": "awful."}]
+    prompt_len = len(tiny_tokenizer.encode("Write a review."))
+    shared_len = len(tiny_tokenizer.encode(shared, add_special_tokens=False))
+    examples, stats = build_pairs(recs, tiny_tokenizer, prompt_len + shared_len - 2)
+    assert stats["dropped_identical_truncated"] == 1 and stats["pairs"] == 1 and len(examples) == 1
+    examples, stats = build_pairs(recs, tiny_tokenizer, 256)
+    assert stats["pairs"] == 2 and not stats.get("dropped_identical_truncated")

@@ -112,4 +112,4 @@ def test_cli_without_matplotlib_exits_2(tmp_path, capsys, monkeypatch):
         plot.main([str(tmp_path)])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and 'pip install "mlx-dpo[plot]"' in err
+    assert err.count("\n") == 1 and 'pip install matplotlib' in err

@@ -160,6 +160,10 @@ def build_pairs(
                 continue
             seqs = [prompt + chosen, prompt + rejected]
             if any(len(s) > max_seq_length for s in seqs):
+                if seqs[0][:max_seq_length] == seqs[1][:max_seq_length]:
+                    # The responses differ only past the limit: no signal left.
+                    stats["dropped_identical_truncated"] = stats.get("dropped_identical_truncated", 0) + 1
+                    continue
                 stats["truncated"] += 1
             pairs.append(tuple((s[:max_seq_length], len(prompt)) for s in seqs))
             confidences.append(1.0 if confidence is None else confidence)
@@ -359,6 +363,8 @@ def _summary(split: str, stats: dict, max_seq_length: int) -> str:
         notes.append(f"{stats['dropped_long_prompt']} dropped: prompt reaches max_seq_length")
     if stats.get("dropped_identical"):
         notes.append(f"{stats['dropped_identical']} dropped: chosen same as rejected")
+    if stats.get("dropped_identical_truncated"):
+        notes.append(f"{stats['dropped_identical_truncated']} dropped: chosen and rejected differ only after max_seq_length")
     if stats.get("dropped_few_answers"):
         notes.append(f"{stats['dropped_few_answers']} records dropped: fewer than two answers")
     if stats.get("dropped_tied"):
