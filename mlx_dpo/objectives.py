@@ -106,7 +106,7 @@ def make_loss(
             total = ntoks.sum()
             loss, metrics = sft_loss(logps, total)
             count = mx.array(logps.shape[0], mx.float32)
-            return loss, {**metrics, "weight": total, "count": count, "ntoks": _forwarded(batch)}
+            return loss * weights[0], {**metrics, "weight": total, "count": count, "ntoks": _forwarded(batch)}
 
         return sft
 

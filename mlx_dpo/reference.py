@@ -12,7 +12,6 @@ log-probs are cached on disk, so training needs one policy pass per step.
 from __future__ import annotations
 
 import hashlib
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -22,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .checkpoint import atomic_save_safetensors
 from .data import Dataset, as_dataset
 from .logps import get_batched_logps
 from .progress import Progress
@@ -160,10 +160,8 @@ def cached_reference(
     rank0 = mx.distributed.init().rank() == 0
     with Progress(len(examples), f"Reference log-probs ({split})", unit="ex", enabled=show_progress and rank0) as bar:
         values = compute_reference_logps(reference, examples, batch_size, pad_id, bar.update)
-    if mx.distributed.init().rank() == 0:
+    if rank0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-        mx.save_safetensors(str(tmp), {"reference_logps": mx.array(values)})
-        os.replace(tmp, path)
+        atomic_save_safetensors(path, {"reference_logps": mx.array(values)})
         print(f"Reference log-probs for {split}: saved {path}")
     return as_dataset(examples).with_fields(reference_logps=values)

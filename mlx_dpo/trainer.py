@@ -228,7 +228,7 @@ def train(
 
     adapter_file = Path(args.adapter_file)
     batches = iterate_batches(train_dataset, args.batch_size, loop=True, seed=args.seed, comm_group=world, skip=start_step)
-    window, grad, train_time = MetricSum(), None, 0.0
+    window, grad, train_time, window_steps, accumulated = MetricSum(), None, 0.0, 0, 0
     trained_tokens, skipped = 0.0, 0
     last_saved: Optional[Path] = adapter_file if adapter_file.is_file() else None
 
@@ -258,28 +258,36 @@ def train(
             batch = next(batches)
             mx.random.seed(step_seed(args.seed, it))
             loss, metrics, new_grad, finite = grad_step(batch, grad)
-            bad = mx.distributed.all_sum((~finite).astype(mx.float32), stream=mx.cpu) if world.size() > 1 else ~finite
-            mx.eval(loss, metrics, new_grad, bad)
-            if bad.item() > 0:
+            # One reduction carries both flags: a NaN anywhere, a stop signal anywhere.
+            flags = mx.stack([(~finite).astype(mx.float32), mx.array(float(len(stop)))])
+            if world.size() > 1:
+                flags = mx.distributed.all_sum(flags, stream=mx.cpu)
+            mx.eval(loss, metrics, new_grad, flags)
+            bad, signalled = flags.tolist()
+            if bad > 0:
                 if not args.skip_nonfinite:
                     raise NonFiniteError(it, np.array(batch["index"]).tolist(), last_saved)
                 skipped += 1
                 say(f"Iter {it}: non-finite loss or gradient, batch of examples {np.array(batch['index']).tolist()} skipped ({skipped} so far)")
-                grad = None  # drop this batch and whatever it was accumulated with
             else:
                 window.add(loss, metrics)
-                grad = new_grad
-                if it % accum_steps == 0:
+                grad, accumulated = new_grad, accumulated + 1
+                mx.eval(window.arrays())
+            at_boundary = it % accum_steps == 0  # no half-accumulated gradient would be lost
+            if at_boundary:
+                if accumulated:
+                    if accumulated < accum_steps:  # skipped micro-batches: average over the rest
+                        grad = tree_map(lambda g: g * (accum_steps / accumulated), grad)
                     update(grad)
-                    grad = None
-                mx.eval(model.state, optimizer.state, window.arrays())
+                    mx.eval(model.state, optimizer.state)
+                grad, accumulated = None, 0
             if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
                 mx.clear_cache()
             train_time += time.perf_counter() - tic
+            window_steps += 1
             bar.update()
 
             if (it % args.steps_per_report == 0 or it == args.iters) and window.sums:
-                steps = (it - 1) % args.steps_per_report + 1
                 report = window.result()
                 trained_tokens += report["ntoks"]
                 info = {
@@ -287,7 +295,7 @@ def train(
                     "train_loss": report["loss"],
                     **{k: v for k, v in report.items() if k not in ("loss", "weight", "ntoks", "count")},
                     "learning_rate": optimizer.learning_rate.item(),
-                    "iterations_per_second": steps / train_time,
+                    "iterations_per_second": window_steps / train_time,
                     "tokens_per_second": report["ntoks"] / train_time,
                     "trained_tokens": trained_tokens,
                     "peak_memory": mx.get_peak_memory() / 1e9,
@@ -300,13 +308,11 @@ def train(
                 )
                 if training_callback is not None:
                     training_callback.on_train_loss_report(info)
-                window, train_time = MetricSum(), 0.0
+                window, train_time, window_steps = MetricSum(), 0.0, 0
 
-            at_boundary = grad is None  # no half-accumulated gradient would be lost
             if it % args.steps_per_save == 0 and at_boundary:
                 checkpoint(it)
                 say(f"Iter {it}: saved adapters and training state to {adapter_file.parent}.")
-            signalled = mx.distributed.all_sum(mx.array(float(len(stop))), stream=mx.cpu).item() if world.size() > 1 else len(stop)
             if signalled and at_boundary:
                 checkpoint(it)
                 raise TrainingInterrupted(it, stop[0] if stop else signal.SIGTERM, adapter_file)

@@ -185,3 +185,32 @@ def test_missing_model_is_one_line(tiny_data_path, tmp_path, model):
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert [ln for ln in out.stderr.splitlines() if ln.strip()] == [ln for ln in out.stderr.splitlines() if "cannot load model" in ln]
+
+
+def test_a_skipped_micro_batch_leaves_the_mean_of_the_others(tiny_model_path, tiny_data_path, tmp_path):
+    _, tok = load(str(tiny_model_path))
+    pairs = load_datasets(str(tiny_data_path), tok, "dpo", 128, splits=("train",))["train"][:16]
+    batches = []
+    for i in range(0, 16, 4):
+        b = pad_batch(pairs[i : i + 4])
+        b["index"] = mx.array(np.arange(i, i + 4, dtype=np.int32))
+        batches.append(b)
+
+    def trained(order, tag):
+        mx.random.seed(0)
+        model, _ = load(str(tiny_model_path))
+        model.freeze()
+        linear_to_lora_layers(model, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        loss_fn = nan_at(make_loss("dpo", make_reference(model)), bad_example=5)
+        args = TrainingArgs(batch_size=4, iters=4, steps_per_report=1, steps_per_eval=100, val_batches=0, steps_per_save=100,
+                            grad_accumulation_steps=2, adapter_file=str(tmp_path / f"{tag}.safetensors"), skip_nonfinite=True)
+        skipped = train(model, optim.SGD(learning_rate=0.05), loss_fn, [None], None, lambda *_, **__: iter(order), args)
+        return skipped, weights(tmp_path / f"{tag}.safetensors")
+
+    # Batch 1 (examples 4-7) is NaN: the first update must be batch 0's gradient alone,
+    # exactly what accumulating batch 0 twice gives.
+    skipped, a = trained([batches[0], batches[1], batches[2], batches[3]], "a")
+    _, b = trained([batches[0], batches[0], batches[2], batches[3]], "b")
+    assert skipped == 1
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
