@@ -21,6 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .batching import iterate_batches
 from .checkpoint import atomic_save_safetensors
 from .data import Dataset, as_dataset
 from .logps import get_batched_logps
@@ -122,13 +123,9 @@ def compute_reference_logps(
     progress: Optional[Callable[[int], None]] = None,
 ) -> np.ndarray:
     """(N, 2) reference log-probs of every example, in length-sorted batches (no example skipped)."""
-    from .batching import pad_batch
-
     out = np.zeros((len(examples), len(examples[0]) if examples else 2), dtype=np.float32)
-    order = sorted(range(len(examples)), key=lambda i: max(len(s[0]) for s in examples[i]))
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        batch = pad_batch([examples[j] for j in idx], pad_id)
+    for batch in iterate_batches(examples, batch_size, pad_id=pad_id, shuffle=False, drop_last=False):
+        idx = np.array(batch["index"])
         logps = np.array(reference(batch["tokens"], batch["mask"]))
         out[idx] = logps.reshape(-1, len(idx)).T
         if progress is not None:

@@ -57,11 +57,6 @@ class CallbackList(TrainingCallback):
             c.on_val_loss_report(val_info)
 
 
-def _rank0_print(*args) -> None:
-    if mx.distributed.init().rank() == 0:
-        print(*args, flush=True)
-
-
 class MetricSum:
     """Running weighted sums of a loss function's metrics, reduced across processes."""
 
@@ -318,5 +313,5 @@ def train(
                 raise TrainingInterrupted(it, stop[0] if stop else signal.SIGTERM, adapter_file)
 
     checkpoint(args.iters, numbered=False)
-    _rank0_print(f"Saved final weights to {adapter_file}.")
+    say(f"Saved final weights to {adapter_file}.")
     return skipped

@@ -120,6 +120,17 @@ def test_signal_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_path
     assert f"Resuming from step {step}" in again.stdout
 
 
+def indexed_batches(tok, data_path, n=16, size=4):
+    """The first ``n`` pairs in fixed batches of ``size``, each carrying its example indices."""
+    pairs = load_datasets(str(data_path), tok, "dpo", 128, splits=("train",))["train"][:n]
+    batches = []
+    for i in range(0, n, size):
+        b = pad_batch(pairs[i : i + size])
+        b["index"] = mx.array(np.arange(i, i + size, dtype=np.int32))
+        batches.append(b)
+    return batches
+
+
 def nan_at(loss_fn, bad_example):
     """A loss that is NaN for batches containing ``bad_example``."""
 
@@ -137,12 +148,7 @@ def test_non_finite_loss_stops_keeping_the_last_good_adapters_or_is_skipped(tiny
     model, tok = load(str(tiny_model_path))
     model.freeze()
     linear_to_lora_layers(model, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-    pairs = load_datasets(str(tiny_data_path), tok, "dpo", 128, splits=("train",))["train"][:16]
-    batches = []
-    for i in range(0, 16, 4):
-        b = pad_batch(pairs[i : i + 4])
-        b["index"] = mx.array(np.arange(i, i + 4, dtype=np.int32))
-        batches.append(b)
+    batches = indexed_batches(tok, tiny_data_path)
 
     def replay(*_, **__):
         while True:
@@ -189,12 +195,7 @@ def test_missing_model_is_one_line(tiny_data_path, tmp_path, model):
 
 def test_a_skipped_micro_batch_leaves_the_mean_of_the_others(tiny_model_path, tiny_data_path, tmp_path):
     _, tok = load(str(tiny_model_path))
-    pairs = load_datasets(str(tiny_data_path), tok, "dpo", 128, splits=("train",))["train"][:16]
-    batches = []
-    for i in range(0, 16, 4):
-        b = pad_batch(pairs[i : i + 4])
-        b["index"] = mx.array(np.arange(i, i + 4, dtype=np.int32))
-        batches.append(b)
+    batches = indexed_batches(tok, tiny_data_path)
 
     def trained(order, tag):
         mx.random.seed(0)
