@@ -16,7 +16,8 @@ def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 
     For pairs that puts all chosen rows first, then all rejected rows, so one
     forward pass covers both and the halves split cleanly. ``mask[r, j]`` is 1
     where target ``tokens[r, j+1]`` is a response token; padding (whatever its
-    id) is never counted. ``lengths`` holds each row's real token count.
+    id) is never counted. ``lengths`` holds each row's real token count and
+    ``logits_from`` (an int) the first target position a response needs.
     """
     seqs = [ex[k] for k in range(len(examples[0])) for ex in examples]
     longest = max(len(toks) for toks, _ in seqs)
@@ -27,7 +28,10 @@ def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 
         tokens[r, : len(toks)] = toks
         mask[r, max(start, 1) - 1 : len(toks) - 1] = 1.0
     lengths = np.array([len(toks) for toks, _ in seqs], dtype=np.int32)
-    return {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths)}
+    # First target position any row's response needs, rounded down to a multiple of 8 so
+    # that a compiled step sees few distinct values (each one is traced once).
+    logits_from = (min(max(start, 1) for _, start in seqs) - 1) // 8 * 8
+    return {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths), "logits_from": logits_from}
 
 
 def length_groups(

@@ -69,7 +69,7 @@ def _reference(batch: dict, reference: Optional[ReferenceFn]) -> mx.array:
     if ref is None:
         if reference is None:
             raise ValueError("this objective needs reference log-probs, but there is no reference")
-        ref = reference(batch["tokens"], batch["mask"])
+        ref = reference(batch["tokens"], batch["mask"], start=batch.get("logits_from", 0))
     return ref
 
 
@@ -100,7 +100,7 @@ def make_loss(
     if data_kind(types) == "sft":
 
         def sft(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-            logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
+            logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size, batch.get("logits_from", 0))
             # Sum the token counts once and reuse it: two identical ``ntoks.sum()``
             # in one compiled value_and_grad crash MLX 0.32 (IndexError _Map_base::at).
             total = ntoks.sum()
@@ -116,7 +116,7 @@ def make_loss(
         def kto(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
             # Rows: each example's own completion, then the same prompts with
             # mismatched completions (for the KL baseline).
-            logps, _ = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
+            logps, _ = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size, batch.get("logits_from", 0))
             ref = _reference(batch, reference)
             b = logps.shape[0] // 2
             loss, metrics = kto_loss(logps[:b], ref[:b], batch["label"], logps[b:], ref[b:], beta=beta, **kto_args)
@@ -126,7 +126,7 @@ def make_loss(
         return kto
 
     def pairs(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-        logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size)
+        logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size, batch.get("logits_from", 0))
         b = logps.shape[0] // 2
         ref = _reference(batch, reference) if use_reference else None
         eps = 1.0 - batch["confidence"] if "confidence" in batch else label_smoothing

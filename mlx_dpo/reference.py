@@ -27,7 +27,7 @@ from .data import Dataset, as_dataset
 from .logps import get_batched_logps
 from .progress import Progress
 
-ReferenceFn = Callable[[mx.array, mx.array], mx.array]
+ReferenceFn = Callable[..., mx.array]  # (tokens, mask, start=0) -> summed response log-probs
 
 
 def _wrapped_base(module: nn.Module) -> Optional[nn.Module]:
@@ -58,7 +58,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None, chunk_size: int = 0) -> ReferenceFn:
-    """Return ``fn(tokens, mask) -> summed response log-probs`` under the reference, no gradient.
+    """Return ``fn(tokens, mask, start=0) -> summed response log-probs`` under the reference, no gradient.
 
     ``reference_model`` (frozen) is used when given; otherwise the policy with
     its adapters bypassed, which requires the policy to have adapters.
@@ -66,8 +66,8 @@ def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None
     if reference_model is not None:
         reference_model.freeze()
 
-        def separate(tokens: mx.array, mask: mx.array) -> mx.array:
-            return mx.stop_gradient(get_batched_logps(reference_model, tokens, mask, chunk_size)[0])
+        def separate(tokens: mx.array, mask: mx.array, start: int = 0) -> mx.array:
+            return mx.stop_gradient(get_batched_logps(reference_model, tokens, mask, chunk_size, start)[0])
 
         return separate
 
@@ -77,9 +77,9 @@ def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None
             "(full fine-tuning?): set `reference_model`."
         )
 
-    def bypass(tokens: mx.array, mask: mx.array) -> mx.array:
+    def bypass(tokens: mx.array, mask: mx.array, start: int = 0) -> mx.array:
         with adapters_disabled(model):
-            return mx.stop_gradient(get_batched_logps(model, tokens, mask, chunk_size)[0])
+            return mx.stop_gradient(get_batched_logps(model, tokens, mask, chunk_size, start)[0])
 
     return bypass
 
@@ -126,7 +126,7 @@ def compute_reference_logps(
     out = np.zeros((len(examples), len(examples[0]) if examples else 2), dtype=np.float32)
     for batch in iterate_batches(examples, batch_size, pad_id=pad_id, shuffle=False, drop_last=False):
         idx = np.array(batch["index"])
-        logps = np.array(reference(batch["tokens"], batch["mask"]))
+        logps = np.array(reference(batch["tokens"], batch["mask"], start=batch["logits_from"]))
         out[idx] = logps.reshape(-1, len(idx)).T
         if progress is not None:
             progress(len(idx))

@@ -126,3 +126,17 @@ def test_dpo_gradient_matches_numpy_finite_difference():
         down[i] -= h
         numeric[i] = (np_dpo(up, pr, rc, rr, beta, eps)[0] - np_dpo(down, pr, rc, rr, beta, eps)[0]) / (2 * h)
     np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6)
+
+
+def test_logits_from_is_no_later_than_any_response_target():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        pairs = []
+        for _ in range(3):
+            n_prompt = int(rng.integers(1, 40))
+            prompt = list(rng.integers(0, VOCAB, n_prompt))
+            pairs.append(tuple((prompt + list(rng.integers(0, VOCAB, int(rng.integers(1, 9)))), n_prompt) for _ in range(2)))
+        batch = pad_batch(pairs)
+        first = int(np.argmax(np.array(batch["mask"]).any(axis=0)))
+        assert batch["logits_from"] % 8 == 0 and 0 <= batch["logits_from"] <= first
+        assert first - batch["logits_from"] < 8

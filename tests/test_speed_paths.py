@@ -129,16 +129,22 @@ def test_reference_cache_is_reused_and_keyed_by_weights_and_data(tiny_model_path
     assert len(sorted(tmp_path.glob("train-*.safetensors"))) == 2
 
 
-def test_chunked_logps_equal_full_logps_and_gradients(tiny_model_path, pairs):
+def test_chunked_and_prompt_skipping_logps_equal_full_logps_and_gradients(tiny_model_path, pairs):
     model = lora_model(tiny_model_path)
     batch = next(iterate_batches(pairs, 4, shuffle=False))
 
     def total(m, chunk):
         return get_batched_logps(m, batch["tokens"], batch["mask"], chunk)[0].sum()
 
+    first = int(np.argmax(np.array(batch["mask"]).any(axis=0)))  # first target any row needs
+    assert first > 2
+
+    def total(m, chunk, start=0):
+        return get_batched_logps(m, batch["tokens"], batch["mask"], chunk, start)[0].sum()
+
     v0, g0 = nn.value_and_grad(model, lambda m: total(m, 0))(model)
-    for chunk in (5, 16):
-        v, g = nn.value_and_grad(model, lambda m: total(m, chunk))(model)
+    for chunk, start in ((5, 0), (16, 0), (0, first), (4, first), (0, first - 2)):
+        v, g = nn.value_and_grad(model, lambda m: total(m, chunk, start))(model)
         np.testing.assert_allclose(v.item(), v0.item(), rtol=1e-6)
         for (_, a), (_, b) in zip(tree_flatten(g0), tree_flatten(g)):
             a, b = np.array(a), np.array(b)
