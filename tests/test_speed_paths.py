@@ -1,8 +1,5 @@
 """The speed and memory paths must give the same numbers as the plain ones."""
 
-import os
-import subprocess
-import sys
 import types
 
 import mlx.core as mx
@@ -22,31 +19,6 @@ from mlx_dpo.objectives import make_loss
 from mlx_dpo.reference import cached_reference, make_reference, weights_fingerprint
 
 LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
-
-BLAS_CHECK = """
-import mlx_dpo, numpy as np, mlx.core as mx
-rng = np.random.default_rng(0)
-a, b = rng.normal(size=(300, 200)).astype(np.float32), rng.normal(size=(200, 150)).astype(np.float32)
-got = np.array(mx.array(a) @ mx.array(b))
-want = a.astype(np.float64) @ b.astype(np.float64)
-print(mlx_dpo._blas.status[0], float(np.abs(got - want).max()))
-"""
-
-
-@pytest.mark.parametrize("setting", ["default", "off"])
-def test_matmul_agrees_with_numpy_with_and_without_blas_preload(setting):
-    env = dict(os.environ)
-    env.pop("MLX_DPO_BLAS", None)
-    if setting == "off":
-        env["MLX_DPO_BLAS"] = "off"
-    out = subprocess.run([sys.executable, "-c", BLAS_CHECK], capture_output=True, text=True, env=env, check=True)
-    status, err = out.stdout.split()
-    assert float(err) < 1e-3
-    if setting == "off":
-        assert status == "off"
-    elif sys.platform.startswith("linux"):
-        assert status in ("loaded", "missing")  # "missing" only where no OpenBLAS is installed
-
 
 def test_dtype_auto_is_float32_on_cpu():
     args = types.SimpleNamespace(dtype="auto")
@@ -164,11 +136,3 @@ def test_cli_precompute_reference_trains_like_on_the_fly(tiny_model_path, tiny_d
     wb = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
     for k in wa:
         np.testing.assert_allclose(np.array(wb[k]), np.array(wa[k]), atol=1e-5)
-
-
-def test_missing_blas_warns_with_the_install_command():
-    env = {**os.environ, "MLX_DPO_BLAS": "/nonexistent/libopenblas.so"}
-    code = "import mlx_dpo; print(mlx_dpo._blas.status[0]); print(mlx_dpo._blas.describe())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    if sys.platform.startswith("linux"):
-        assert out.startswith("failed") and "apt-get install libopenblas0-pthread" in out and "WARNING" in out
