@@ -5,6 +5,7 @@ file (complete or partial) written. Clean run: exit normally with loadable
 adapters. Case counts are reported in RELIABILITY.md.
 """
 
+import codecs
 import contextlib
 import copy
 import io
@@ -21,6 +22,7 @@ from mlx_dpo.lora import main
 
 N_DATA_CASES = 240
 N_CONFIG_CASES = 120
+N_ENCODING_CASES = 60
 N_CLI_CASES = 8
 
 GOOD = [
@@ -115,6 +117,65 @@ def test_fuzz_datasets(tiny_model_path, tmp_path):
         check_outcome(outcome, stderr, out)
         outcomes[outcome] += 1
     assert outcomes["error"] > N_DATA_CASES // 2 and outcomes["ok"] > 0, outcomes
+
+
+# How a data file may have been saved: the first four load, the rest are refused.
+SAVED_AS = ("utf-8-bom", "crlf", "bom-crlf", "cr", "latin-1", "cp1252", "utf-16", "utf-16-le", "lone-byte", "cut-char")
+LOADS = SAVED_AS[:4]
+
+
+def save_as(text: str, how: str, rng: random.Random) -> bytes:
+    """``text`` as bytes saved the way ``how`` names; an accent first, so the encoding shows."""
+    text = text.replace("Write a", "Écris une")
+    if how in LOADS:
+        ends = "\r\n" if "crlf" in how else "\r" if how == "cr" else "\n"
+        return (codecs.BOM_UTF8 if "bom" in how else b"") + text.replace("\n", ends).encode()
+    if how in ("latin-1", "cp1252", "utf-16", "utf-16-le"):
+        return text.encode(how, errors="replace")
+    data = text.encode()
+    if how == "lone-byte":
+        i = rng.randrange(len(data) + 1)
+        return data[:i] + bytes([rng.choice([0x80, 0xbf, 0xc0, 0xe9, 0xfe, 0xff])]) + data[i:]
+    i = data.find("É".encode())  # cut-char: a two-byte character loses its second byte
+    if i < 0:
+        return data + "É".encode()[:1]
+    return data[: i + 1] if rng.random() < 0.5 else data[: i + 1] + data[i + 2 :]
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_fuzz_encodings(tiny_model_path, tmp_path):
+    """BOMs, CRLF and CR line ends load; Latin-1, cp1252, UTF-16 and broken UTF-8 are one line naming the offset."""
+    rng = random.Random(4321)
+    outcomes = {how: {"ok": 0, "error": 0} for how in SAVED_AS}
+    for case in range(N_ENCODING_CASES):
+        how = SAVED_AS[case % len(SAVED_AS)]
+        clean = rng.random() < 0.5
+        lines = [json.dumps(r) for r in rng.choice([GOOD, GOOD_CHAT])] if clean else make_lines(rng)
+        data = save_as("\n".join(lines) + "\n", how, rng)
+        d = tmp_path / f"d{case}"
+        d.mkdir()
+        (d / "train.jsonl").write_bytes(data)
+        out = tmp_path / f"o{case}"
+        argv = ["--model", str(tiny_model_path), "--data", str(d), "--train", "--iters", "1", "--batch-size", "1",
+                "--adapter-path", str(out), "--loss-type", rng.choice(["dpo", "kto"]), "--no-compile", "--val-batches", "0",
+                "--num-layers", "1"]
+        outcome, stderr = call_main(argv)
+        check_outcome(outcome, stderr, out)
+        outcomes[how][outcome] += 1
+        if how in LOADS and clean:
+            assert outcome == "ok", (how, stderr)
+        elif how.startswith("utf-16") or not is_utf8(data):  # pure ASCII is the same in Latin-1 and cp1252
+            assert outcome == "error" and "not UTF-8 text" in stderr and " at offset " in stderr, (how, stderr)
+            assert ("looks like UTF-16" in stderr) == how.startswith("utf-16"), (how, stderr)
+    assert all(outcomes[how]["ok"] > 0 for how in LOADS), outcomes
+    assert all(outcomes[how]["error"] > 0 for how in SAVED_AS if how not in LOADS), outcomes
 
 
 def mutate_config(rng: random.Random) -> str:

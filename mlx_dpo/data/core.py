@@ -4,8 +4,8 @@ An example is a tuple of ``(tokens, offset)`` sequences, ``offset`` being the
 index of the first response token (mlx-lm's ``mask_prompt`` convention); a
 ``Dataset`` is a list of them with optional per-example arrays. ``DataError``
 is the one exception a dataset that cannot be used raises, its message naming
-where and why. Kept apart so that reading, layouts, tokenization and the
-builders can all import these without importing each other.
+where and why. Kept apart so that every step of the data layer (read, detect,
+check, normalize, tokenize, build) can import these without importing a later step.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ class DataError(ValueError):
 def _type(value) -> str:
     """A JSON value's type, as error messages name it."""
     return "null" if value is None else type(value).__name__
+
+
+def _describe(record: dict) -> str:
+    """A record's fields and their types, as error messages list them."""
+    return ", ".join(f"{k} ({type(v).__name__})" for k, v in record.items()) or "none"
 
 
 def _one_line(text: str) -> str:

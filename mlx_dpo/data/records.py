@@ -3,10 +3,13 @@
 The records come back as ``Records``, which remember their source (the file
 path, or ``dataset, split name``) and what a position is called there (``line``,
 ``record`` or ``row``), so every later error can name where a bad record is.
+Text files are UTF-8, with or without a byte-order mark, with LF, CRLF or CR
+line ends; any other bytes are one error naming the file, offset and line.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 from typing import Optional
@@ -42,6 +45,38 @@ def _in(records) -> str:
     return f"{source}: " if source else ""
 
 
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _not_utf8(path: Path, data: bytes, offset: int, what: str, utf16: bool = False) -> DataError:
+    """The one-line error for bytes that are not UTF-8, naming where the first bad one is."""
+    line = data[:offset].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+    kind = ", it looks like UTF-16" if utf16 else ""
+    return DataError(f"{path}: not UTF-8 text{kind} ({what} at offset {offset}, line {line}); re-save the file as UTF-8")
+
+
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, a leading byte-order mark dropped, line ends made LF.
+
+    Other encodings are refused rather than guessed. UTF-16 shows as a UTF-16
+    byte-order mark or a NUL in the first two bytes (JSON starts with an ASCII
+    character); Latin-1 and the like as bytes that are not UTF-8. Either is
+    one ``DataError`` naming the file, the first bad byte, its offset and line.
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(_UTF16_BOMS):
+        raise _not_utf8(path, data, 0, f"byte-order mark 0x{data[0]:02x} 0x{data[1]:02x}", utf16=True)
+    if b"\0" in data[:2]:
+        raise _not_utf8(path, data, data.index(b"\0"), "NUL byte", utf16=True)
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[start:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = start + e.start
+        raise _not_utf8(path, data, offset, f"byte 0x{data[offset]:02x}") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def load_records(path: Path) -> list[dict]:
     """Read a ``.jsonl`` file, one record per line.
 
@@ -50,7 +85,7 @@ def load_records(path: Path) -> list[dict]:
     ``path``; an empty file is an error.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -73,7 +108,7 @@ def load_records(path: Path) -> list[dict]:
 def load_json_records(path: Path) -> list[dict]:
     """Read a ``.json`` file: a JSON list of records (errors name ``record N``), or JSON lines."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: no records (the file is empty)")
     try:

@@ -8,19 +8,9 @@ model's chat template. Every response ends in exactly one EOS.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
 
 from .core import DataError, _one_line
-from .layouts import (
-    DATA_FORMATS,
-    _Canon,
-    _check_options,
-    _message_field,
-    _no_template,
-    _normalize_pair,
-    _resolve,
-    _split,
-)
+from .normalize import Canon
 
 _BOS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -75,7 +65,8 @@ def _tokenize_text(prompt: str, responses: tuple, tokenizer) -> tuple:
     )
 
 
-def _has_chat_template(tokenizer) -> bool:
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer can render message lists (checking asks before any record is tokenized)."""
     has = getattr(tokenizer, "has_chat_template", None)
     if has is None:
         has = getattr(tokenizer, "chat_template", None) is not None
@@ -96,7 +87,7 @@ def _render(tokenizer, messages: list, **kwargs):
 
 
 def _tokenize_messages(prompt: list, responses: tuple, tokenizer) -> tuple:
-    if not _has_chat_template(tokenizer):
+    if not has_chat_template(tokenizer):
         raise DataError("the tokenizer of this model has no chat template, which message-list records need")
     prompt_text = _render(tokenizer, prompt, add_generation_prompt=True, tokenize=False)
     # The rendered prompt already carries any BOS text, so no special tokens.
@@ -113,7 +104,7 @@ def _tokenize_messages(prompt: list, responses: tuple, tokenizer) -> tuple:
     return tuple(out)
 
 
-def _tokenize_parts(prompt, responses: tuple, names: tuple, system, tokenizer, require_prompt: bool = True) -> tuple:
+def tokenize_parts(prompt, responses: tuple, names: tuple, system, tokenizer, require_prompt: bool = True) -> tuple:
     """Token ids ``(prompt, *responses)``: text with the system text before the
     prompt, or message lists with the system as the first message."""
     for response, name in zip(responses, names):
@@ -133,33 +124,7 @@ def _tokenize_parts(prompt, responses: tuple, names: tuple, system, tokenizer, r
     return _tokenize_messages(prompt, responses, tokenizer)
 
 
-def _tokenize_canon(canon: _Canon, tokenizer) -> tuple:
-    prompt, chosen, rejected = _split(canon)
-    return _tokenize_parts(prompt, (chosen, rejected), canon.names, canon.system, tokenizer, canon.require_prompt)
-
-
-def tokenize_pair(
-    record: dict, tokenizer, fmt: str, options: Optional[dict] = None
-) -> tuple[list[int], list[int], list[int]]:
-    """Token ids ``(prompt, chosen, rejected)`` of one preference record of layout ``fmt``.
-
-    Responses end in exactly one EOS; the prompt starts with BOS only where
-    the tokenizer (or its chat template) would add one itself. A Nectar
-    record holds several pairs: use ``build_pairs``.
-    """
-    opts = _check_options(options)
-    if fmt not in DATA_FORMATS or fmt in ("nectar", "kto"):
-        raise DataError(f"tokenize_pair takes one pair of a paired layout, not {fmt!r}; see build_pairs/build_kto")
-    fmt, _ = _resolve(record, fmt, None, opts, unpaired_ok=False)
-    if fmt == "nectar":
-        raise DataError("tokenize_pair takes one pair of a paired layout, not 'nectar'; see build_pairs/build_kto")
-    _check_template(fmt, record, opts, False, _has_chat_template(tokenizer))
-    return _tokenize_canon(_normalize_pair(record, fmt, opts), tokenizer)
-
-
-def _check_template(fmt: str, record: dict, opts: dict, unpaired: bool, has_template: bool) -> None:
-    """A message-list record needs a chat template: say which field has one."""
-    if not has_template:
-        field = _message_field(fmt, record, opts, unpaired)
-        if field is not None:
-            raise _no_template(field)
+def tokenize_canon(canon: Canon, tokenizer) -> tuple:
+    """Token ids ``(prompt, chosen, rejected)`` of a canonical pair."""
+    prompt, chosen, rejected = canon.parts()
+    return tokenize_parts(prompt, (chosen, rejected), canon.names, canon.system, tokenizer, canon.require_prompt)
