@@ -65,7 +65,7 @@ def only_pair(tok, rec, **kw):
 def test_exported_names():
     assert DATA_FORMATS == (
         "auto", "standard", "conversational", "implicit", "chatml.intel", "argilla", "argilla_chat",
-        "icr", "prompt_pairs", "ultra", "nectar", "custom", "kto",
+        "icr", "prompt_pairs", "sharegpt", "ultra", "nectar", "custom", "kto",
     )
     assert DATA_OPTION_KEYS == (
         "nectar_pairs", "field_prompt", "field_system", "field_chosen", "field_rejected",
@@ -123,6 +123,53 @@ def test_argilla_chat_is_implicit_message_lists(tiny_tokenizer):
     assert only_pair(tok, rec) == expected
     with pytest.raises(DataError, match="argilla_chat"):
         build_pairs([{"chosen": "a b", "rejected": "a c"}], tok, 512, data_format="argilla_chat")
+
+
+def H(text):
+    return {"from": "human", "value": text}
+
+
+def G(text):
+    return {"from": "gpt", "value": text}
+
+
+def test_sharegpt_is_conversational_with_from_value_messages(tiny_tokenizer):
+    """LLaMA-Factory's and axolotl's ShareGPT pairs: the same ids as the conversational layout."""
+    tok = tiny_tokenizer
+    rec = {
+        "conversations": [{"from": "system", "value": "Be brief."}, H("Review the film."), G("Which one?"), H("The new one.")],
+        "chosen": G("great"),
+        "rejected": G("dull"),
+    }
+    assert detect_format(rec) == "sharegpt"
+    expected = conv_ids(tok, [S("Be brief."), U("Review the film."), A("Which one?"), U("The new one.")], [A("great")], [A("dull")])
+    assert only_pair(tok, rec) == expected
+    assert only_pair(tok, rec, data_format="sharegpt") == expected
+    aliases = {"conversations": [{"from": "user", "value": "Review the film."}], "chosen": {"from": "assistant", "value": "great"},
+               "rejected": {"from": "model", "value": "dull"}, "system": "Be brief."}
+    assert only_pair(tok, aliases) == conv_ids(tok, [S("Be brief."), U("Review the film.")], [A("great")], [A("dull")])
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"chosen": G("")}, "field 'chosen'.value is empty"),
+        ({"chosen": H("great")}, "field 'chosen'.from is 'human', but a reply comes from the assistant (gpt)"),
+        ({"rejected": {"from": "bot", "value": "dull"}}, "field 'rejected'.from 'bot' is not a known speaker"),
+        ({"conversations": [H("Review the film."), G("great")]}, "field 'conversations' ends with a 'gpt' turn"),
+        ({"conversations": [H("Review the film."), {"from": "human", "value": 3}]}, "field 'conversations'[1].value must be a string, got int"),
+        ({"conversations": [H("Review the film."), {"role": "user", "content": "x"}]}, "field 'conversations'[1] must be a ShareGPT {from, value} message"),
+        ({"conversations": []}, "field 'conversations' is an empty message list"),
+    ],
+)
+def test_sharegpt_errors_name_the_field(tiny_tokenizer, change, expected):
+    good = {"conversations": [H("Review the film.")], "chosen": G("great"), "rejected": G("dull")}
+    with pytest.raises(DataError, match="line 2") as e:
+        build_pairs([good, {**good, **change}], tiny_tokenizer, 512)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError) as forced:
+        build_pairs([{**good, **change}], tiny_tokenizer, 512, data_format="sharegpt")
+    assert expected in str(forced.value)
 
 
 @pytest.mark.parametrize("full_lists", [True, False])

@@ -19,6 +19,7 @@ from .detect import (
     LAYOUT_KEYS,
     LAYOUTS,
     PROMPT_KEYS,
+    SHAREGPT_ROLES,
     custom_names,
     detect_format,
     detect_quietly,
@@ -73,10 +74,45 @@ def _messages_problem(key: str, messages: list) -> Optional[str]:
     return None
 
 
+def _sharegpt_problem(at: str, m, assistant: bool = False) -> Optional[str]:
+    """What is wrong with one ShareGPT ``{from, value}`` message (``assistant``: must be a reply)."""
+    if not isinstance(m, dict) or "from" not in m or "value" not in m:
+        got = _describe(m) if isinstance(m, dict) else _type(m)
+        return f"{at} must be a ShareGPT {{from, value}} message, got {got}"
+    speaker, text = m["from"], m["value"]
+    if speaker not in SHAREGPT_ROLES:
+        return f"{at}.from {_short(speaker)} is not a known speaker (expected {', '.join(SHAREGPT_ROLES)})"
+    if assistant and SHAREGPT_ROLES[speaker] != "assistant":
+        return f"{at}.from is {speaker!r}, but a reply comes from the assistant (gpt)"
+    if not isinstance(text, str):
+        return f"{at}.value must be a string, got {_type(text)}"
+    if assistant and not text.strip():
+        return f"{at}.value is empty"
+    return None
+
+
+def _sharegpt_conversation_problem(key: str, value) -> Optional[tuple[str, bool]]:
+    if not isinstance(value, list):
+        return f"field {key!r} must be a list of ShareGPT {{from, value}} messages, got {_type(value)}", True
+    if not value:
+        return f"field {key!r} is an empty message list", False
+    for i, m in enumerate(value):
+        if problem := _sharegpt_problem(f"field {key!r}[{i}]", m):
+            return problem, False
+    if SHAREGPT_ROLES[value[-1]["from"]] == "assistant":
+        return f"field {key!r} ends with a {value[-1]['from']!r} turn; it must end with the turn that chosen and rejected answer", False
+    return None
+
+
 def value_problem(key: str, value, kind: str) -> Optional[tuple[str, bool]]:
     """``(message, about_the_layout)`` if field ``key`` cannot hold ``value``, else None."""
     if value is None:
         return f"field {key!r} is null", True
+    if kind == "sharegpt":
+        return _sharegpt_conversation_problem(key, value)
+    if kind == "reply":
+        problem = _sharegpt_problem(f"field {key!r}", value, assistant=True)
+        return (problem, not isinstance(value, dict)) if problem else None
     if kind == "label":
         if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
             return None
@@ -239,7 +275,7 @@ def check_template(fmt: str, record: dict, opts: dict, unpaired: bool, has_templ
     if has_template:
         return
     for key, kind in spec(fmt, record, opts, unpaired)[0]:
-        if kind in ("messages", "either") and isinstance(record.get(key), list):
+        if kind in ("messages", "either", "sharegpt") and isinstance(record.get(key), list):
             raise no_template(key)
 
 

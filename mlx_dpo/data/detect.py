@@ -79,6 +79,11 @@ LAYOUT_TABLE = {
     "prompt_pairs": Layout(
         "{prompt: str, chosen: str, rejected: str} (as standard)", _three("prompt", "text"), unpaired=("prompt",)
     ),
+    "sharegpt": Layout(
+        "{conversations: [{from, value}] ending in a human turn, chosen: {from: gpt, value}, "
+        "rejected: {from: gpt, value}, system?: str} (LLaMA-Factory, axolotl)",
+        (("conversations", "sharegpt"), ("chosen", "reply"), ("rejected", "reply")),
+    ),
     "ultra": Layout(
         "{prompt: str, chosen: [messages], rejected: [messages], system?: str}, the lists starting "
         "with the user turn or holding only the reply",
@@ -105,7 +110,9 @@ LAYOUTS = {name: layout.doc for name, layout in LAYOUT_TABLE.items()}
 CONFIDENCE_NOTE = "any paired layout may add confidence: float in [0.5, 1]"
 
 # The order ``auto`` tries layouts in; the first that fits is the file's layout.
-DETECT_ORDER = ("nectar", "kto", "standard", "conversational", "ultra", "chatml.intel", "icr", "argilla", "implicit")
+DETECT_ORDER = (
+    "nectar", "kto", "standard", "conversational", "ultra", "chatml.intel", "icr", "argilla", "sharegpt", "implicit",
+)
 
 # The fields that tell layouts apart: a record holding one its file's layout
 # does not use reads as a different layout rather than as a broken record.
@@ -183,6 +190,30 @@ def is_messages(value) -> bool:
     )
 
 
+# ShareGPT speakers (``from``) and the chat roles they are (LLaMA-Factory's and
+# axolotl's names: ``observation`` is a tool result, ``function_call`` a tool call).
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+
+
+def is_sharegpt_message(value) -> bool:
+    return isinstance(value, dict) and "from" in value and "value" in value
+
+
+def is_sharegpt(value) -> bool:
+    """Whether ``value`` is shaped like a ShareGPT conversation, a list of ``{from, value}``."""
+    return isinstance(value, list) and len(value) > 0 and all(is_sharegpt_message(m) for m in value)
+
+
 def is_system(value) -> bool:
     return value is None or isinstance(value, str)
 
@@ -201,6 +232,8 @@ _SHAPES = {
     "messages": is_messages,
     "either": lambda v: isinstance(v, str) or is_messages(v),
     "answers": lambda v: isinstance(v, list),
+    "sharegpt": is_sharegpt,
+    "reply": is_sharegpt_message,
 }
 
 

@@ -15,7 +15,7 @@ import string
 from typing import NamedTuple, Optional
 
 from .core import DataError, _describe, _type
-from .detect import LAYOUT_TABLE, both, custom_names, is_messages, is_system, spec
+from .detect import LAYOUT_TABLE, SHAREGPT_ROLES, both, custom_names, is_messages, is_system, spec
 
 # Where an assistant turn starts in a plain-text transcript. The prompt of an
 # implicit pair ends right after the last one the two transcripts share.
@@ -81,6 +81,16 @@ def _ultra(record: dict, opts: dict) -> Canon:
     raise DataError(
         "ultra chosen and rejected must start with the same user message, or hold only the assistant reply"
     )
+
+
+def _sharegpt(record: dict, opts: dict) -> Canon:
+    """A conversational pair: ``{from, value}`` messages become ``{role, content}``."""
+
+    def message(m: dict) -> dict:
+        return {"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]}
+
+    prompt = [message(m) for m in record["conversations"]]
+    return Canon(prompt, [message(record["chosen"])], [message(record["rejected"])], record.get("system"))
 
 
 def _custom_prompt(record: dict, opts: dict, names: dict, required: bool) -> tuple[object, Optional[str]]:
@@ -158,7 +168,7 @@ def _nectar(record: dict, opts: dict) -> tuple[Optional[list[Canon]], int]:
 
 
 # Layouts whose pair is more than their fields as they stand (nectar: several pairs).
-_NORMALIZERS = {"ultra": _ultra, "custom": _custom}
+_NORMALIZERS = {"ultra": _ultra, "custom": _custom, "sharegpt": _sharegpt}
 
 
 # -------------------------------------------------------------- the step
