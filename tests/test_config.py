@@ -117,7 +117,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")) + sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")) + sorted((Path(__file__).parents[1] / "examples").glob("**/*.yaml"))
     assert files
     for f in files:
         load_config(["--config", str(f)])

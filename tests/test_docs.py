@@ -233,7 +233,8 @@ def workspace(tmp_path_factory):
     """A scratch copy of the files the guides use, with the quickstart already trained."""
     ws = tmp_path_factory.mktemp("docs")
     for name in COPIED:
-        shutil.copytree(ROOT / name, ws / name, ignore=shutil.ignore_patterns("__pycache__"))
+        # examples/real/work holds the real-model run's downloads and model (hundreds of MB).
+        shutil.copytree(ROOT / name, ws / name, ignore=shutil.ignore_patterns("__pycache__", "work"))
     proc = run(QUICKSTART, ws)
     assert proc.returncode == 0, failure(QUICKSTART, proc)
     assert (ws / "adapters" / "quickstart" / "adapters.safetensors").is_file()
