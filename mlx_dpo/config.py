@@ -19,7 +19,8 @@ from mlx_lm.lora import build_parser as mlx_lm_parser
 from mlx_lm.lora import yaml_loader  # SafeLoader that also reads 1e-5 as a float
 
 from .data import DATA_FORMATS, DATA_OPTION_KEYS  # noqa: E402
-from .objectives import LOSS_TYPES, check_combination  # noqa: E402
+from .objectives import LOSS_TYPES, check_combination, is_online  # noqa: E402
+from .policy_losses import IMPORTANCE_LEVELS, SCALE_REWARDS  # noqa: E402
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_SPLIT_KEYS = ("train_split", "valid_split", "test_split")
@@ -49,6 +50,24 @@ DEFAULTS: dict[str, Any] = {
     "data_format": "auto",
     **{k: None for k in DATA_OPTION_KEYS},
     **{k: None for k in HUB_SPLIT_KEYS},
+    # Online learning from rewards (GRPO's family; TRL 1.13's names and defaults).
+    "rl": None,
+    "reward_funcs": None,
+    "reward_weights": None,
+    "num_generations": 8,
+    "num_iterations": 1,
+    "scale_rewards": "group",
+    "epsilon": 0.2,
+    "epsilon_high": None,
+    "importance_sampling_level": "token",
+    "max_prompt_length": 512,
+    "max_completion_length": 256,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": None,
+    "mask_truncated_completions": False,
+    "overlong_buffer": None,
     # Reliability.
     "resume": False,
     "skip_nonfinite": False,
@@ -60,6 +79,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 LORA_PARAMETER_KEYS = {"rank", "scale", "dropout", "keys"}
+# axolotl's ``rl:`` names and the loss_type each means here (GRPO: TRL's default, dapo).
+RL_ALIASES = {"dpo": "dpo", "ipo": "ipo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "dapo"}
 LR_SCHEDULE_KEYS = {"name", "arguments", "warmup", "warmup_init"}
 
 
@@ -128,7 +149,25 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "desirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "undesirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "data_format": (lambda v: v in DATA_FORMATS, "one of " + ", ".join(DATA_FORMATS)),
-    "beta": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "beta": (lambda v: _is_num(v) and v >= 0, "a number > 0 (>= 0 for the online losses)"),
+    "rl": (_opt(lambda v: v in RL_ALIASES), "one of " + ", ".join(RL_ALIASES) + " (axolotl's name for the method)"),
+    "reward_funcs": (_opt(lambda v: isinstance(v, list) and v and all(isinstance(f, str) and f for f in v)),
+                     'a list of "module.function" names (module file beside the config or in the working directory) or built-ins'),
+    "reward_weights": (_opt(lambda v: isinstance(v, list) and all(_is_num(w) for w in v)), "a list of numbers, one per reward function"),
+    "num_generations": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (completions per prompt)"),
+    "num_iterations": (lambda v: _is_int(v) and v >= 1, "a positive integer (optimizer steps per generation batch)"),
+    "scale_rewards": (lambda v: v in SCALE_REWARDS, "one of " + ", ".join(SCALE_REWARDS)),
+    "epsilon": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "epsilon_high": (_opt(lambda v: _is_num(v) and v > 0), "a number > 0 (default: epsilon)"),
+    "importance_sampling_level": (lambda v: v in IMPORTANCE_LEVELS, "one of " + ", ".join(IMPORTANCE_LEVELS)),
+    "max_prompt_length": (_opt(lambda v: _is_int(v) and v > 0), "a positive integer (longer prompts keep their end)"),
+    "max_completion_length": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "temperature": (lambda v: _is_num(v) and v >= 0, "a number >= 0 (0: greedy)"),
+    "top_p": (lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: off)"),
+    "min_p": (_opt(lambda v: _is_num(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "mask_truncated_completions": (lambda v: isinstance(v, bool), "true or false"),
+    "overlong_buffer": (_opt(lambda v: _is_int(v) and v > 0), "a positive integer (DAPO's soft over-long buffer, in tokens)"),
     "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "reference_model": (_opt(lambda v: isinstance(v, str) and v != ""), "a hub id or a local path"),
     "compile": (lambda v: isinstance(v, bool), "true or false"),
@@ -169,6 +208,7 @@ def validate(cfg: dict[str, Any]) -> None:
             check_combination(cfg.get("loss_type", DEFAULTS["loss_type"]), cfg.get("loss_weights"))
         except ValueError as e:
             raise ConfigError(f"invalid value for 'loss_type': {e}") from None
+    _check_online(cfg)
     save_every, accumulate = cfg.get("save_every"), cfg.get("grad_accumulation_steps")
     if _is_int(save_every) and _is_int(accumulate) and accumulate > 0 and save_every % accumulate:
         raise ConfigError(
@@ -181,6 +221,52 @@ def validate(cfg: dict[str, Any]) -> None:
             if key not in LR_SCHEDULE_KEYS:
                 raise ConfigError(f"unknown key 'lr_schedule.{key}'{_closest(key, LR_SCHEDULE_KEYS)}")
         _check_schedule(schedule)
+
+
+def _check_online(cfg: dict[str, Any]) -> None:
+    """Cross-key rules of the online losses (and beta > 0 for the offline ones)."""
+    loss_type = cfg.get("loss_type", DEFAULTS["loss_type"])
+    if not is_online(loss_type):
+        if cfg.get("beta") == 0:
+            raise ConfigError("invalid value for 'beta': 0 (expected a number > 0)")
+        return
+    funcs, weights = cfg.get("reward_funcs"), cfg.get("reward_weights")
+    if funcs is not None and weights is not None and len(weights) != len(funcs):
+        raise ConfigError(f"invalid value for 'reward_weights': {len(weights)} weights for {len(funcs)} reward functions")
+    unit = (cfg.get("grad_accumulation_steps") or 1) * (cfg.get("num_iterations") or 1)
+    save_every = cfg.get("save_every")
+    if _is_int(save_every) and save_every > 0 and save_every % unit:
+        raise ConfigError(
+            f"invalid value for 'save_every': {save_every} (must be a multiple of grad_accumulation_steps x "
+            f"num_iterations = {unit}, so a checkpoint starts a fresh generation batch)"
+        )
+
+
+def flatten_trl_block(cfg: dict[str, Any]) -> dict[str, Any]:
+    """axolotl nests TRL's keys under ``trl:``; read them as top-level keys (a key set twice is an error)."""
+    block = cfg.pop("trl", None)
+    if block is None:
+        return cfg
+    if not isinstance(block, dict):
+        raise ConfigError(f"invalid value for 'trl': {block!r} (expected a mapping of TRL keys)")
+    for key, value in block.items():
+        if key not in DEFAULTS:
+            raise ConfigError(f"unknown config key 'trl.{key}'{_closest(key, DEFAULTS)}")
+        if key in cfg and cfg[key] != value:
+            raise ConfigError(f"'{key}' is set both at the top level and under 'trl:' with different values")
+        cfg[key] = value
+    return cfg
+
+
+def _apply_rl_alias(cfg: dict[str, Any]) -> None:
+    """``rl: grpo`` (axolotl) chooses the loss unless ``loss_type`` says; GRPO's beta defaults to 0."""
+    rl = cfg.get("rl")
+    if rl is not None:
+        wanted = RL_ALIASES[rl]
+        if "loss_type" not in cfg:
+            cfg["loss_type"] = wanted
+        elif is_online(cfg["loss_type"]) != is_online(wanted):
+            raise ConfigError(f"'rl: {rl}' contradicts 'loss_type: {cfg['loss_type']}'")
 
 
 def _check_schedule(schedule: dict) -> None:
@@ -241,19 +327,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def merge_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The user's keys over the defaults, checked: ``rl`` resolved, GRPO's beta 0 unless set."""
+    cfg = dict(cfg)
+    _apply_rl_alias(cfg)
+    merged = {**DEFAULTS, **cfg}
+    if is_online(merged["loss_type"]) and "beta" not in cfg:
+        merged["beta"] = 0.0  # TRL's GRPO default: no KL term, no reference pass
+    if isinstance(merged.get("lora_parameters"), dict):
+        merged["lora_parameters"] = {**DEFAULTS["lora_parameters"], **merged["lora_parameters"]}
+    validate(merged)
+    return merged
+
+
 def load_config(argv: Optional[list[str]] = None, overrides: Optional[dict] = None) -> types.SimpleNamespace:
     """Parse flags, read the YAML they name, merge over the defaults and validate."""
     flags = vars(build_parser().parse_args(argv))
     cfg: dict[str, Any] = {}
     if flags.get("config"):
-        cfg.update(read_yaml(flags["config"]))
+        cfg.update(flatten_trl_block(read_yaml(flags["config"])))
         validate(cfg)  # before defaults hide a misspelt key
     cfg.update({k: v for k, v in flags.items() if v is not None})
     cfg.update(overrides or {})
-    merged = {**DEFAULTS, **cfg}
-    if isinstance(merged.get("lora_parameters"), dict):
-        merged["lora_parameters"] = {**DEFAULTS["lora_parameters"], **merged["lora_parameters"]}
-    validate(merged)
+    merged = merge_config(cfg)
     args = types.SimpleNamespace(**merged)
     args._explicit = set(cfg)  # keys the user set (file, flags or overrides), vs defaults
     return args

@@ -107,3 +107,33 @@ def get_batched_logps(
         logps = token_logps(model(inputs), targets)
     mask = mask.astype(mx.float32)
     return (logps * mask).sum(axis=-1), mask.sum(axis=-1)
+
+
+def get_token_logps(
+    model: nn.Module, tokens: mx.array, start: int = 0, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[mx.array, Optional[mx.array]]:
+    """Per-token log-probs of ``tokens[:, start + 1:]`` from logits divided by ``temperature``.
+
+    Online objectives need each sampled token's log-prob under the distribution
+    it was sampled from (TRL divides the logits by the sampling temperature),
+    not a sum. Returns ``(logps, entropy)``, both (N, L - 1 - start); the
+    entropy of each position's tempered distribution is a metric only (no
+    gradient), computed when ``with_entropy``.
+    """
+    inputs, targets = tokens[:, :-1], tokens[:, 1 + start :]
+    parts = split_head(model) if start > 0 else None
+    if parts is not None:
+        body, head = parts
+        logits = head(body(inputs)[:, start:])
+    else:
+        logits = model(inputs)[:, start:]
+    logits = logits.astype(mx.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logps = token_logps(logits, targets)
+    entropy = None
+    if with_entropy:
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        probs = mx.exp(logits - lse)
+        entropy = mx.stop_gradient(lse.squeeze(-1) - (probs * logits).sum(axis=-1))
+    return logps, entropy

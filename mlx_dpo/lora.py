@@ -34,12 +34,20 @@ from mlx_lm.utils import load  # noqa: E402
 
 from .batching import iterate_batches, padding_fraction  # noqa: E402
 from .data import DATA_OPTION_KEYS, DataError, load_datasets  # noqa: E402
-from .objectives import confidence_supported, data_kind, make_loss, needs_reference  # noqa: E402
+from .objectives import confidence_supported, data_kind, is_online, make_loss, needs_reference  # noqa: E402
 from .logps import auto_chunk_size  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
 from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, state_file_for  # noqa: E402
 from .metrics_log import MetricsLogger  # noqa: E402
-from .trainer import CallbackList, NonFiniteError, TrainingArgs, TrainingInterrupted, evaluate, train  # noqa: E402
+from .trainer import (  # noqa: E402
+    BatchSourceError,
+    CallbackList,
+    NonFiniteError,
+    TrainingArgs,
+    TrainingInterrupted,
+    evaluate,
+    train,
+)
 
 OPTIMIZERS = {
     "adam": optim.Adam,
@@ -184,7 +192,58 @@ def with_reference_logps(args, sets: dict, reference, fingerprint_model: nn.Modu
 INHERITED_KEYS = (
     "loss_type", "loss_weights", "fine_tune_type", "beta", "label_smoothing", "reference_model",
     "gamma", "tau", "cpo_alpha", "desirable_weight", "undesirable_weight",
+    "reward_funcs", "reward_weights", "num_generations", "scale_rewards", "epsilon", "epsilon_high",
+    "importance_sampling_level", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
+    "mask_truncated_completions", "overlong_buffer",
 )
+
+
+def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype) -> tuple:
+    """For the online losses: the rollout batch source and its loss, and the reward functions' check.
+
+    The reward functions are resolved before any training (a misspelt name fails in the first
+    second); their module files are looked up beside the config file, then in the working directory.
+    """
+    from .online import OnlineArgs, make_online_loss, make_rollout_source, token_reference
+    from .rewards import RewardError, load_reward_funcs
+    from .rollout import SamplingParams
+
+    if not args.reward_funcs:
+        raise ConfigError(f"loss_type {args.loss_type} learns from rewards: set 'reward_funcs' (e.g. [\"rewards.my_reward\"])")
+    dirs = ([Path(args.config).resolve().parent] if args.config else []) + [Path.cwd()]
+    options = {"max_completion_length": args.max_completion_length, "overlong_buffer": args.overlong_buffer}
+    try:
+        funcs = load_reward_funcs(args.reward_funcs, dirs, options)
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+    online = OnlineArgs(
+        num_generations=args.num_generations, num_iterations=args.num_iterations,
+        grad_accumulation_steps=args.grad_accumulation_steps, sampling=sampling,
+        reward_weights=args.reward_weights, scale_rewards=args.scale_rewards,
+        mask_truncated_completions=args.mask_truncated_completions, beta=args.beta, loss_type=args.loss_type,
+    )
+    reference = None
+    if args.beta > 0:
+        reference_model = load_reference_for_online(args, model)
+        cast(reference_model, dtype)
+        reference = token_reference(model, reference_model, sampling.temperature or 1.0)
+    batches = make_rollout_source(model, tokenizer, funcs, online, reference)
+    loss_fn = make_online_loss(online, args.epsilon, args.epsilon_high, args.importance_sampling_level, args.max_completion_length)
+    return batches, loss_fn
+
+
+def load_reference_for_online(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn.Module]:
+    """GRPO's KL term (beta > 0): a separate model, a frozen copy for full fine-tuning, or the bypassed adapters."""
+    path = args.reference_model or (args.model if args.fine_tune_type == "full" else None)
+    if path is None:
+        return None
+    rank0_print(f"Loading reference model {path}")
+    ref, _ = load_model(path, args, what="reference_model")
+    ref.freeze()
+    ref.eval()
+    return ref
 
 
 def inherit_training_settings(args: types.SimpleNamespace) -> None:
@@ -214,6 +273,10 @@ def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict
     features = {k: getattr(args, k) for k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature") if getattr(args, k)}
     options = {k: getattr(args, k) for k in DATA_OPTION_KEYS if getattr(args, k) is not None}
     hub_splits = {k: getattr(args, k) for k in ("train_split", "valid_split", "test_split") if getattr(args, k)}
+    if data_kind(args.loss_type) == "prompts":
+        from .data import load_prompt_splits
+
+        return load_prompt_splits(args.data, tokenizer, args.max_prompt_length, splits=splits, hub_splits=hub_splits or None)
     kind = {"sft": "sft", "kto": "kto", "pairs": "dpo"}[data_kind(args.loss_type)]
     return load_datasets(
         args.data, tokenizer, kind, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits,
@@ -253,7 +316,8 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
 
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     batches = partial(iterate_batches, pad_id=pad_id, pad_multiple=args.pad_to_multiple)
-    if args.train and len(sets["train"]) >= args.batch_size:
+    online = is_online(args.loss_type)
+    if args.train and len(sets["train"]) >= args.batch_size and not online:
         frac = padding_fraction(sets["train"], args.batch_size, args.pad_to_multiple)
         rank0_print(f"Length-grouped batches: {frac:.1%} of train token slots are padding.")
     adapter_path = Path(args.adapter_path)
@@ -279,11 +343,14 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             sets = with_reference_logps(args, sets, reference, reference_model or model, pad_id)
             reference = None  # every batch now carries its reference log-probs
             del reference_model  # a separate reference is no longer needed in memory
-    loss_fn = make_loss(
-        args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk,
-        loss_weights=args.loss_weights, gamma=args.gamma, tau=args.tau, alpha=args.cpo_alpha,
-        desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
-    )
+    if online:
+        batches, loss_fn = online_parts(args, model, tokenizer, dtype)
+    else:
+        loss_fn = make_loss(
+            args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk,
+            loss_weights=args.loss_weights, gamma=args.gamma, tau=args.tau, alpha=args.cpo_alpha,
+            desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+        )
 
     if args.train:
         optimizer = build_optimizer(args)
@@ -306,6 +373,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             seed=args.seed,
             compile=args.compile,
             skip_nonfinite=args.skip_nonfinite,
+            save_multiple=args.grad_accumulation_steps * (args.num_iterations if online else 1),
         )
         callbacks = [training_callback]
         if mx.distributed.init().rank() == 0:
@@ -327,7 +395,8 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     metrics = {k: v for k, v in metrics.items() if k not in ("weight",)}
     if data_kind(args.loss_type) == "sft":
         metrics["ppl"] = math.exp(metrics["loss"])
-    metrics["num_pairs" if data_kind(args.loss_type) == "pairs" else "num_examples"] = int(metrics.pop("count"))
+    kind = data_kind(args.loss_type)
+    metrics[{"pairs": "num_pairs", "prompts": "num_completions"}.get(kind, "num_examples")] = int(metrics.pop("count"))
     metrics["num_tokens"] = int(metrics.pop("ntoks"))
     rank0_print("Test: " + ", ".join(f"{k} {v:.7g}" for k, v in metrics.items()))
     if mx.distributed.init().rank() == 0 and args.adapter_path:
@@ -364,6 +433,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         rank0_print(f"\nStopped by signal {e.signum} after step {e.step}; checkpoint saved in {e.checkpoint.parent}.")
         rank0_print(f"Resume with:\n  {resume_command(argv)}")
         sys.exit(128 + e.signum)
+    except BatchSourceError as e:
+        print(f"mlx_dpo.lora: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteError as e:
         print(f"mlx_dpo.lora: error: {one_line(e)}", file=sys.stderr)
         sys.exit(3)

@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from .logps import get_batched_logps
 from .losses import PAIR_LOSSES, REFERENCE_FREE, USES_LABEL_SMOOTHING, kto_loss, nll_loss, sft_loss
+from .policy_losses import ONLINE_LOSSES
 from .reference import ReferenceFn
 
 LossFn = Callable[[nn.Module, dict], tuple[mx.array, dict]]
@@ -26,22 +27,30 @@ SUMMED = ("weight", "count", "ntoks")
 
 def is_summed(key: str) -> bool:
     """Bookkeeping metrics (and per-kind counts like ``count/desirable``) add up over batches."""
-    return key in SUMMED or key.startswith("count/")
-LOSS_TYPES = ("sft", "kto", *PAIR_LOSSES)
+    return key in SUMMED or key.startswith(("count/", "time/"))
+LOSS_TYPES = ("sft", "kto", *PAIR_LOSSES, *ONLINE_LOSSES)
 
 
 def loss_list(loss_type: Union[str, Sequence[str]]) -> list[str]:
     return [loss_type] if isinstance(loss_type, str) else list(loss_type)
 
 
+def is_online(loss_type: Union[str, Sequence[str]]) -> bool:
+    """Whether the objective trains on the policy's own samples (GRPO's family)."""
+    return any(t in ONLINE_LOSSES for t in loss_list(loss_type))
+
+
 def needs_reference(loss_type: Union[str, Sequence[str]]) -> bool:
-    """Whether any component compares with a reference (SFT and SimPO/ORPO/CPO do not)."""
-    return any(t not in REFERENCE_FREE and t != "sft" for t in loss_list(loss_type))
+    """Whether any component compares with a sequence-level reference (SFT, SimPO/ORPO/CPO and
+    the online losses do not: GRPO's per-token reference depends on ``beta``)."""
+    return any(t not in REFERENCE_FREE and t != "sft" and t not in ONLINE_LOSSES for t in loss_list(loss_type))
 
 
 def data_kind(loss_type: Union[str, Sequence[str]]) -> str:
-    """What the data must look like: ``sft`` records, ``kto`` unpaired examples, or ``pairs``."""
+    """What the data must look like: ``sft`` records, ``kto`` unpaired examples, ``pairs``, or ``prompts``."""
     types = loss_list(loss_type)
+    if is_online(types):
+        return "prompts"
     if types == ["sft"]:
         return "sft"
     return "kto" if "kto" in types else "pairs"
@@ -55,6 +64,8 @@ def check_combination(loss_type: Union[str, Sequence[str]], loss_weights: Option
         raise ValueError(f"unknown loss_type {unknown or types}: choose from {', '.join(LOSS_TYPES)}")
     if "kto" in types and len(types) > 1:
         raise ValueError("'kto' trains on unpaired data and cannot be combined with other loss types")
+    if is_online(types) and len(types) > 1:
+        raise ValueError(f"{', '.join(ONLINE_LOSSES)} train on the policy's own samples and cannot be combined with other loss types")
     if loss_weights is not None and len(loss_weights) != len(types):
         raise ValueError(f"loss_weights has {len(loss_weights)} entries for {len(types)} loss types")
 

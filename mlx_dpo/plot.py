@@ -1,6 +1,7 @@
 """``python -m mlx_dpo.plot ADAPTER_DIR``: draw ``metrics.jsonl`` as a PNG.
 
-Panels for loss, reward accuracy, reward margin and chosen/rejected rewards,
+Panels for loss, reward accuracy, reward margin and chosen/rejected rewards
+(online runs: loss, sampled reward, KL and entropy, completion length),
 train (line) and eval (markers) together; panels whose metrics were never
 logged are marked "not logged" (a run with only a loss, such as SFT, gets the
 loss panel alone). Needs matplotlib: ``pip install matplotlib`` (or the ``plot`` extra).
@@ -25,6 +26,14 @@ PANELS = [
     ("Chosen / rejected rewards", "reward", True,
      [("rewards/chosen", "chosen", "tab:green"), ("rewards/rejected", "rejected", "tab:red")]),
 ]
+# Online runs (GRPO's family) log rewards of samples instead of pair margins.
+ONLINE_PANELS = [
+    ("Loss", "loss", False, [("loss", "", "tab:blue")]),
+    ("Reward", "mean reward", False, [("reward", "", "tab:green")]),
+    ("KL from the reference / entropy", "nats per token", False,
+     [("kl", "kl", "tab:red"), ("entropy", "entropy", "tab:gray")]),
+    ("Completion length", "tokens", False, [("completions/mean_length", "", "tab:orange")]),
+]
 SPLITS = [("train", "", dict(linestyle="-", linewidth=1.6, alpha=0.85)),
           ("eval", "eval_", dict(linestyle="--", linewidth=1.2, marker="o", markersize=5))]
 
@@ -37,9 +46,14 @@ def series(records: list[dict], metric: str, split: str) -> tuple[list[float], l
     return [s for s, _ in pts], [v for _, v in pts]
 
 
+def panels_for(records: list[dict]) -> list:
+    """The online panels for a run that logged sampled rewards, else the preference panels."""
+    return ONLINE_PANELS if any("reward" in r or "eval_reward" in r for r in records) else PANELS
+
+
 def panel_names(records: list[dict]) -> list[str]:
     """Titles of the panels that have data, in drawing order."""
-    return [t for t, _, _, ms in PANELS if any(series(records, m, s)[0] for m, _, _ in ms for s, _, _ in SPLITS)]
+    return [t for t, _, _, ms in panels_for(records) if any(series(records, m, s)[0] for m, _, _ in ms for s, _, _ in SPLITS)]
 
 
 def make_figure(records: list[dict], title: str = ""):
@@ -50,8 +64,8 @@ def make_figure(records: list[dict], title: str = ""):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import PercentFormatter
 
-    present = panel_names(records)
-    panels = PANELS if len(present) > 1 else [p for p in PANELS if p[0] in present] or PANELS[:1]
+    present, candidates = panel_names(records), panels_for(records)
+    panels = candidates if len(present) > 1 else [p for p in candidates if p[0] in present] or candidates[:1]
     rows, cols = (2, 2) if len(panels) > 1 else (1, 1)
     with plt.rc_context({"font.size": 11, "axes.titlesize": 13, "axes.titleweight": "bold"}):
         fig, axes = plt.subplots(rows, cols, figsize=(WIDTH, HEIGHT), dpi=DPI, squeeze=False, layout="constrained")

@@ -40,6 +40,11 @@ class TrainingArgs(_MlxLmTrainingArgs):
     seed: int = field(default=0, metadata={"help": "Seed for the batch order."})
     compile: bool = field(default=True, metadata={"help": "mx.compile the training step."})
     skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with NaN/inf instead of stopping."})
+    save_multiple: int = field(
+        default=0,
+        metadata={"help": "Checkpoints only on multiples of this many steps (0: grad_accumulation_steps); "
+                  "an online source sets accumulation x num_iterations, so a resume starts a fresh generation batch."},
+    )
 
 
 class CallbackList(TrainingCallback):
@@ -119,9 +124,18 @@ def format_metrics(metrics: dict[str, float], prefix: str = "") -> str:
         "rewards/margins": "margin",
         "kl": "kl",
         "nll_loss": "nll",
+        "reward": "reward",
+        "reward_std": "reward std",
+        "frac_reward_zero_std": "zero-std groups",
+        "entropy": "entropy",
+        "completions/mean_length": "mean length",
     }
     parts = [f"{prefix}{label} {metrics[k]:.4f}" if k == "loss" else f"{label} {metrics[k]:.4f}" for k, label in names.items() if k in metrics]
     return ", ".join(parts)
+
+
+class BatchSourceError(Exception):
+    """A batch could not be made (e.g. a reward function failed); raised after a checkpoint is saved."""
 
 
 class TrainingInterrupted(Exception):
@@ -200,6 +214,9 @@ def train(
     accum_steps = args.grad_accumulation_steps
     if accum_steps < 1:
         raise ValueError("grad_accumulation_steps must be at least 1")
+    save_unit = args.save_multiple or accum_steps
+    if save_unit % accum_steps:
+        raise ValueError("save_multiple must be a multiple of grad_accumulation_steps")
 
     loss_value_and_grad = nn.value_and_grad(model, loss_fn)
 
@@ -250,7 +267,13 @@ def train(
                     )
 
             tic = time.perf_counter()
-            batch = next(batches)
+            try:
+                batch = next(batches)
+            except BatchSourceError:
+                if it - 1 > start_step and (it - 1) % save_unit == 0:
+                    checkpoint(it - 1)
+                    say(f"Iter {it - 1}: saved adapters and training state to {adapter_file.parent}.")
+                raise
             mx.random.seed(step_seed(args.seed, it))
             loss, metrics, new_grad, finite = grad_step(batch, grad)
             # One reduction carries both flags: a NaN anywhere, a stop signal anywhere.
@@ -295,7 +318,13 @@ def train(
                     "trained_tokens": trained_tokens,
                     "peak_memory": mx.get_peak_memory() / 1e9,
                     "skipped_nonfinite": skipped,
+                    "num_tokens": trained_tokens,
                 }
+                if "time/rollout" in report:  # an online source: sampling vs the rest of the step
+                    rollout = report["time/rollout"] / world.size()
+                    info["rollout_seconds"], info["train_seconds"] = rollout, train_time - rollout
+                    info["rollout_share"] = rollout / train_time
+                    info["rollout_tokens_per_second"] = report.get("count/completion_tokens", 0.0) / max(report["time/rollout"], 1e-9)
                 say(
                     f"Iter {it}: {format_metrics(report, prefix='Train ')}, "
                     f"lr {info['learning_rate']:.3e}, it/s {info['iterations_per_second']:.3f}, "
@@ -305,10 +334,11 @@ def train(
                     training_callback.on_train_loss_report(info)
                 window, train_time, window_steps = MetricSum(), 0.0, 0
 
-            if it % args.steps_per_save == 0 and at_boundary:
+            at_save_point = it % save_unit == 0
+            if it % args.steps_per_save == 0 and at_save_point:
                 checkpoint(it)
                 say(f"Iter {it}: saved adapters and training state to {adapter_file.parent}.")
-            if signalled and at_boundary:
+            if signalled and at_save_point:
                 checkpoint(it)
                 raise TrainingInterrupted(it, stop[0] if stop else signal.SIGTERM, adapter_file)
 

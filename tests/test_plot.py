@@ -113,3 +113,14 @@ def test_cli_without_matplotlib_exits_2(tmp_path, capsys, monkeypatch):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install matplotlib' in err
+
+
+def test_grpo_run_gets_the_online_panels(tmp_path):
+    from mlx_dpo.plot import panel_names, plot_metrics
+
+    records = [{"step": i, "split": "train", "loss": 0.0, "reward": i / 10, "entropy": 0.8, "kl": 0.01 * i,
+                "completions/mean_length": 18.0} for i in range(1, 6)]
+    records.append({"step": 5, "split": "eval", "eval_loss": 0.0, "eval_reward": 0.6})
+    assert panel_names(records) == ["Loss", "Reward", "KL from the reference / entropy", "Completion length"]
+    out = plot_metrics(records, tmp_path / "m.png")
+    assert out.stat().st_size > 10_000

@@ -1,6 +1,7 @@
-"""Build the shipped demo: review corpus, tokenizer, a small pre-trained Llama, and DPO pairs.
+"""Build the shipped demo: review corpus, tokenizer, a small pre-trained Llama, DPO pairs, GRPO prompts.
 
-    python examples/demo/build.py            # rewrites examples/demo/model and examples/demo/data
+    python examples/demo/build.py                 # rewrites examples/demo/model, data and prompts
+    python examples/demo/build.py --prompts-only  # rewrites examples/demo/prompts only
 
 Deterministic (fixed seeds). The model is pre-trained from random weights with
 this project's own SFT objective (``loss_type: sft``: ``make_loss("sft")`` and
@@ -58,6 +59,20 @@ def pair_records(items: list[str], n: int, rng: random.Random) -> list[dict]:
     return out
 
 
+def prompt_records(items: list[str], n: int, rng: random.Random) -> list[dict]:
+    """Conversational prompts for online training (GRPO); ``item`` is a column the reward may read."""
+    return [{"prompt": [{"role": "user", "content": prompt_for(item)}], "item": item} for item in rng.choices(items, k=n)]
+
+
+def write_prompts(out: Path, seed: int) -> None:
+    """``prompts/``: train/valid on training items, test on held-out items, as for the pairs."""
+    train_items, held_out = split_items(seed=seed)
+    rng = random.Random(seed + 1)
+    write_jsonl(out / "prompts" / "train.jsonl", prompt_records(train_items, 1000, rng))
+    write_jsonl(out / "prompts" / "valid.jsonl", prompt_records(train_items, 32, rng))
+    write_jsonl(out / "prompts" / "test.jsonl", prompt_records(held_out, 200, rng))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(HERE), help="Folder to write model/ and data/ into.")
@@ -65,9 +80,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts-only", action="store_true", help="Only (re)write prompts/ (GRPO's data); leave the model.")
     args = p.parse_args()
     out = Path(args.out)
     tic = time.perf_counter()
+    write_prompts(out, args.seed)
+    if args.prompts_only:
+        return
 
     train_items, held_out = split_items(seed=args.seed)
     rng = random.Random(args.seed)

@@ -26,6 +26,7 @@ from .check import MESSAGE_ROLES
 from .core import DataError, Dataset, Example, Sequence, as_dataset
 from .detect import CONFIDENCE_NOTE, DATA_FORMATS, DATA_OPTION_KEYS, LAYOUTS, NECTAR_PAIRINGS, detect_format
 from .normalize import ASSISTANT_MARKERS, split_implicit_prompt
+from .prompts import Prompt, build_prompts, load_prompt_splits
 from .records import Records, load_json_records, load_parquet_records, load_records, load_split_records
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "LAYOUTS",
     "MESSAGE_ROLES",
     "NECTAR_PAIRINGS",
+    "Prompt",
     "DataError",
     "Dataset",
     "Example",
@@ -44,11 +46,13 @@ __all__ = [
     "as_dataset",
     "build_kto",
     "build_pairs",
+    "build_prompts",
     "build_sft",
     "detect_format",
     "load_datasets",
     "load_json_records",
     "load_parquet_records",
+    "load_prompt_splits",
     "load_records",
     "load_split_records",
     "sft_examples",

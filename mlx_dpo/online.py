@@ -1,0 +1,235 @@
+"""Online training as a batch source: prompts -> rollouts -> rewards -> advantages -> batches.
+
+The trainer pulls batches from ``iterate(prompts, batch_size, ...)`` exactly as
+it pulls preference batches, and never learns that these are sampled by the
+policy it is training. One *generation batch* is ``batch_size`` prompts (over
+all ranks) times ``grad_accumulation_steps``, with ``num_generations``
+completions each: it is sampled once, scored once by every reward function,
+then yielded as micro-batches ``num_iterations`` times (GRPO's mu). Old-policy
+log-probs are computed only when mu > 1; reference log-probs only when
+``beta > 0``. A resumed run starts at a generation boundary and seeds each
+generation from (seed, generation index, rank), so it samples what an
+uninterrupted run would have sampled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .batching import pad_batch
+from .data.prompts import Prompt
+from .logps import get_token_logps
+from .advantages import combine_rewards, group_advantages
+from .policy_losses import grpo_loss
+from .reference import adapters_disabled
+from .rewards import RewardError, score_completions
+from .rollout import Completion, SamplingParams, sample_groups
+from .trainer import BatchSourceError
+
+TokenLogpsFn = Callable[[mx.array, int], mx.array]  # (tokens, start) -> (N, L - 1 - start) log-probs
+
+
+@dataclass
+class OnlineArgs:
+    """What a generation batch is and how it is turned into training rows (TRL's names)."""
+
+    num_generations: int = 8
+    num_iterations: int = 1
+    grad_accumulation_steps: int = 1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    reward_weights: Optional[Sequence[float]] = None
+    scale_rewards: str = "group"
+    mask_truncated_completions: bool = False
+    beta: float = 0.0
+    loss_type: str = "dapo"
+    pad_multiple: int = 32  # fewer distinct widths: fewer traces of the compiled step
+
+
+class RolloutError(BatchSourceError):
+    """A reward function failed; the message names it and the problem."""
+
+
+def token_reference(model: nn.Module, reference_model: Optional[nn.Module], temperature: float) -> TokenLogpsFn:
+    """Reference per-token log-probs (no gradient): the separate model, or the policy with its adapters bypassed."""
+
+    def fn(tokens: mx.array, start: int) -> mx.array:
+        if reference_model is not None:
+            return mx.stop_gradient(get_token_logps(reference_model, tokens, start, temperature)[0])
+        with adapters_disabled(model):
+            return mx.stop_gradient(get_token_logps(model, tokens, start, temperature)[0])
+
+    return fn
+
+
+def _stats(completions: list[Completion], rewards: np.ndarray, names: list[str], seconds: float) -> dict[str, float]:
+    lengths = np.array([len(c.token_ids) for c in completions], dtype=np.float64)
+    finished = np.array([c.finished for c in completions])
+    out = {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(1.0 - finished.mean()),
+    }
+    for j, name in enumerate(names):
+        col = rewards[:, j]
+        ok = col[~np.isnan(col)]
+        out[f"rewards/{name}/mean"] = float(ok.mean()) if ok.size else 0.0
+        out[f"rewards/{name}/std"] = float(ok.std(ddof=1)) if ok.size > 1 else 0.0
+    return out
+
+
+def rollout_seed(seed: int, generation: int, rank: int) -> int:
+    """The sampling seed of one generation batch on one rank."""
+    return (seed * 1_000_003 + generation * 7919 + rank * 104_729 + 17) % (2**31)
+
+
+def make_rollout_source(
+    model: nn.Module,
+    tokenizer,
+    reward_funcs: list[tuple[str, Callable]],
+    args: OnlineArgs,
+    reference: Optional[TokenLogpsFn] = None,
+) -> Callable[..., Iterator[dict]]:
+    """A batch iterator with ``iterate_batches``' signature whose batches are fresh rollouts."""
+    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
+    eos_ids.discard(None)
+    names = [name for name, _ in reward_funcs]
+    G, mu = args.num_generations, args.num_iterations
+    temperature = args.sampling.temperature if args.sampling.temperature > 0 else 1.0
+
+    def score(chunk: list[Prompt], completions: list[Completion]) -> np.ndarray:
+        prompts = [chunk[c.prompt_index].prompt for c in completions]
+        ids = [list(c.token_ids) for c in completions]
+        texts = [tokenizer.decode([t for t in c if t not in eos_ids], skip_special_tokens=True) for c in ids]
+        conversational = [isinstance(p, list) for p in prompts]
+        shown = [[{"role": "assistant", "content": t}] if conv else t for t, conv in zip(texts, conversational)]
+        keys = sorted({k for p in chunk for k in p.columns})
+        columns = {k: [chunk[c.prompt_index].columns.get(k) for c in completions] for k in keys}
+        try:
+            return score_completions(reward_funcs, prompts, shown, ids, columns)
+        except RewardError as e:
+            raise RolloutError(str(e)) from None
+
+    def micro_batch(chunk: list[Prompt], comps: list[Completion], adv: np.ndarray) -> dict:
+        rows = [(chunk[c.prompt_index].ids + list(c.token_ids), len(chunk[c.prompt_index].ids)) for c in comps]
+        batch = pad_batch([(r,) for r in rows], pad_id=tokenizer.eos_token_id or 0, pad_multiple=args.pad_multiple)
+        if args.mask_truncated_completions:
+            keep = mx.array([1.0 if c.finished else 0.0 for c in comps])[:, None]
+            batch["mask"] = batch["mask"] * keep
+        batch["advantages"] = mx.array(adv.astype(np.float32))
+        start = batch["logits_from"]
+        if mu > 1:  # the policy that sampled, frozen for the mu steps on this batch
+            batch["old_logps"] = mx.stop_gradient(get_token_logps(model, batch["tokens"], start, temperature)[0])
+        if args.beta != 0.0 and reference is not None:
+            batch["ref_logps"] = reference(batch["tokens"], start)
+        mx.eval({k: v for k, v in batch.items() if isinstance(v, mx.array)})
+        return batch
+
+    def iterate(
+        prompts: Sequence[Prompt],
+        batch_size: int,
+        loop: bool = False,
+        seed: int = 0,
+        comm_group: Optional[mx.distributed.Group] = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        skip: int = 0,
+        **_ignored,
+    ) -> Iterator[dict]:
+        rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+        accum = args.grad_accumulation_steps if loop else 1
+        reuse = mu if loop else 1
+        per_generation = batch_size * accum  # prompts over all ranks
+        if drop_last and len(prompts) < per_generation:
+            raise ValueError(f"{len(prompts)} prompts, fewer than one generation batch ({per_generation})")
+        steps_per_generation = accum * reuse
+        if skip % steps_per_generation:
+            raise ValueError(f"cannot resume at step {skip}: not a multiple of {steps_per_generation} (a generation batch)")
+        skip_generations = skip // steps_per_generation
+        generation, epoch = 0, 0
+        while True:
+            order = np.random.default_rng((seed, epoch)).permutation(len(prompts)) if shuffle else np.arange(len(prompts))
+            end = len(order) - per_generation + 1 if drop_last else len(order)
+            for i in range(0, max(end, 0), per_generation):
+                generation += 1
+                if generation <= skip_generations:
+                    continue
+                mine = order[i : i + per_generation][rank::world]
+                chunk = [prompts[j] for j in mine]
+                tic = time.perf_counter()
+                mx.random.seed(rollout_seed(seed, generation, rank))
+                comps = sample_groups(model, [p.ids for p in chunk], G, args.sampling, eos_ids)
+                rollout_s = time.perf_counter() - tic
+                rewards = score(chunk, comps)
+                combined = combine_rewards(rewards, args.reward_weights)
+                batch_std = _global_std(combined, comm_group) if args.scale_rewards == "batch" else None
+                adv, stats = group_advantages(combined, G, args.scale_rewards, batch_std)
+                stats.update(_stats(comps, rewards, names, rollout_s))
+                tokens = sum(len(c.token_ids) * (c.finished or not args.mask_truncated_completions) for c in comps)
+                normalizer = _all_sum(float(tokens), comm_group) / (world * accum)
+                per_step = -(-len(chunk) // accum)
+                batches = []
+                for s in range(0, len(chunk), per_step):
+                    sel = [k for k, c in enumerate(comps) if s <= c.prompt_index < s + per_step]
+                    b = micro_batch(chunk, [comps[k] for k in sel], adv[sel])
+                    b["normalizer"] = mx.array(normalizer, mx.float32)
+                    b["stats"] = {k: mx.array(v, mx.float32) for k, v in stats.items()}
+                    b["stats"]["time/rollout"] = mx.array(rollout_s if s == 0 else 0.0, mx.float32)
+                    b["stats"]["count/completion_tokens"] = mx.array(float(tokens) if s == 0 else 0.0, mx.float32)
+                    b["index"] = mx.array(np.asarray(mine, dtype=np.int32)[s : s + per_step])
+                    batches.append(b)
+                for _ in range(reuse):
+                    yield from batches
+            epoch += 1
+            if not loop:
+                return
+
+    return iterate
+
+
+def _all_sum(value: float, group: Optional[mx.distributed.Group]) -> float:
+    if group is None or group.size() == 1:
+        return value
+    return float(mx.distributed.all_sum(mx.array(value, mx.float32), group=group, stream=mx.cpu).item())
+
+
+def _global_std(rewards: np.ndarray, group: Optional[mx.distributed.Group]) -> float:
+    """Std (Bessel) of the valid rewards over all ranks: ``scale_rewards: batch``."""
+    ok = rewards[~np.isnan(rewards)]
+    if group is not None and group.size() > 1:
+        moments = mx.array([ok.size, ok.sum(), (ok**2).sum()], mx.float32)
+        n, s, sq = mx.distributed.all_sum(moments, group=group, stream=mx.cpu).tolist()
+    else:
+        n, s, sq = ok.size, ok.sum(), (ok**2).sum()
+    return float(np.sqrt(max(sq - s * s / n, 0.0) / (n - 1))) if n > 1 else 0.0
+
+
+def make_online_loss(args: OnlineArgs, epsilon: float, epsilon_high: Optional[float], importance_sampling_level: str,
+                     max_completion_length: int) -> Callable[[nn.Module, dict], tuple[mx.array, dict]]:
+    """``loss_fn(model, batch)`` for rollout batches: per-token log-probs, then ``grpo_loss``."""
+    temperature = args.sampling.temperature if args.sampling.temperature > 0 else 1.0
+
+    def loss_fn(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
+        start = batch["logits_from"]
+        logps, entropy = get_token_logps(model, batch["tokens"], start, temperature, with_entropy=True)
+        mask = batch["mask"][:, start:]
+        loss, metrics = grpo_loss(
+            logps, batch["advantages"], mask, batch.get("old_logps"), batch.get("ref_logps"),
+            beta=args.beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=args.loss_type,
+            importance_sampling_level=importance_sampling_level, max_completion_length=max_completion_length,
+            normalizer=batch.get("normalizer"),
+        )
+        metrics["entropy"] = (entropy * mask).sum() / mx.maximum(mask.sum(), 1.0)
+        n = mx.array(logps.shape[0], mx.float32)
+        ntoks = batch["lengths"].sum().astype(mx.float32)
+        return loss, {**metrics, **batch["stats"], "weight": n, "count": n, "ntoks": ntoks}
+
+    return loss_fn

@@ -1,0 +1,102 @@
+"""GRPO's advantages and loss against the independent float64 NumPy reference (tests/grpo_reference.py,
+written from the formulas and TRL v1.9.0's documented semantics), plus finite-difference gradients."""
+
+import itertools
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grpo_reference import fd_grpo_loss_grad, ref_advantages, ref_grpo_loss, ref_grpo_loss_grad  # noqa: E402
+
+from mlx_dpo.advantages import combine_rewards, group_advantages  # noqa: E402
+from mlx_dpo.policy_losses import grpo_loss  # noqa: E402
+
+
+def inputs(seed, B=6, T=7, off_policy=True, beta=0.0):
+    rng = np.random.default_rng(seed)
+    logps = rng.normal(-2.0, 0.8, (B, T))
+    old = logps + rng.normal(0, 0.3, (B, T)) if off_policy else None  # ratios beyond both clip edges
+    ref = logps + rng.normal(0, 0.5, (B, T)) if beta else None
+    adv = rng.normal(0, 1, B)
+    adv[0] = 0.0
+    lengths = rng.integers(1, T + 1, B)
+    mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.float64)
+    mask[-1] = 0.0  # a masked truncated completion: a row with no tokens
+    return logps, old, ref, adv, mask
+
+
+CASES = list(itertools.product(("grpo", "bnpo", "dr_grpo", "dapo"), ("token", "sequence"), (0.0, 0.04), (True, False)))
+
+
+@pytest.mark.parametrize("loss_type, level, beta, off_policy", CASES)
+def test_loss_gradient_and_metrics_match_the_numpy_reference(loss_type, level, beta, off_policy):
+    logps, old, ref, adv, mask = inputs(hash((loss_type, level, beta, off_policy)) % 1000, off_policy=off_policy, beta=beta)
+    kw = dict(beta=beta, epsilon=0.2, epsilon_high=0.28, loss_type=loss_type, importance_sampling_level=level, max_completion_length=9)
+    num_items = mask.sum() * 3  # dapo: the generation batch has more tokens than this micro-batch
+    expected, ref_metrics = ref_grpo_loss(logps, old, ref, adv, mask, num_items=num_items, **kw)
+    expected_grad = ref_grpo_loss_grad(logps, old, ref, adv, mask, num_items=num_items, **kw)
+
+    args = lambda x: (x, mx.array(adv, mx.float32), mx.array(mask, mx.float32),
+                      None if old is None else mx.array(old, mx.float32), None if ref is None else mx.array(ref, mx.float32))
+    normalizer = mx.array(num_items, mx.float32)
+    loss, metrics = grpo_loss(*args(mx.array(logps, mx.float32)), normalizer=normalizer, **kw)
+    grad = mx.grad(lambda x: grpo_loss(*args(x), normalizer=normalizer, **kw)[0])(mx.array(logps, mx.float32))
+    assert float(loss) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    np.testing.assert_allclose(np.array(grad), expected_grad, rtol=2e-4, atol=1e-6)
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean") + (("kl",) if beta else ()):
+        assert float(metrics[key]) == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), key
+    if off_policy and level == "token":  # the inputs do reach both clip edges
+        assert ref_metrics["clip_ratio/region_mean"] > 0
+
+
+def test_reference_gradient_agrees_with_finite_differences():
+    """The analytic float64 gradient the MLX one is compared with is itself checked by central differences."""
+    logps, old, ref, adv, mask = inputs(3, beta=0.1)
+    for loss_type in ("grpo", "dapo"):
+        kw = dict(beta=0.1, loss_type=loss_type, max_completion_length=9)
+        np.testing.assert_allclose(ref_grpo_loss_grad(logps, old, ref, adv, mask, **kw),
+                                   fd_grpo_loss_grad(logps, old, ref, adv, mask, **kw), rtol=1e-5, atol=1e-8)
+
+
+def test_on_policy_ratio_is_one_and_gradient_is_reinforce():
+    """mu = 1: no old log-probs; the loss value is -mean(A) per token and d/dlogp = -A / tokens."""
+    logps, _, _, adv, mask = inputs(5, off_policy=False)
+    m = mx.array(mask, mx.float32)
+    grad = mx.grad(lambda x: grpo_loss(x, mx.array(adv, mx.float32), m, loss_type="bnpo")[0])(mx.array(logps, mx.float32))
+    np.testing.assert_allclose(np.array(grad), -adv[:, None] * mask / mask.sum(), rtol=1e-5, atol=1e-7)
+
+
+def rewards_with_nones(seed, groups=5, G=4, F=2):
+    rng = np.random.default_rng(seed)
+    R = rng.integers(0, 3, (groups * G, F)).astype(np.float64)
+    R[rng.random(R.shape) < 0.2] = np.nan
+    R[0:G] = 1.0  # a group with all-equal rewards
+    R[G] = np.nan  # a completion every function abstained on
+    R[2 * G : 2 * G + G - 1] = np.nan  # a group with a single valid reward
+    return R
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_and_stats_match_the_numpy_reference(scale):
+    for seed in range(20):
+        R = rewards_with_nones(seed)
+        weights = np.array([1.0, 0.5])
+        combined = combine_rewards(R, weights)
+        adv, stats = group_advantages(combined, 4, scale)
+        expected, ref_stats = ref_advantages(R, weights, 4, scale)
+        np.testing.assert_allclose(adv, expected, rtol=1e-12, atol=1e-12)
+        for key in ("reward", "reward_std", "frac_reward_zero_std"):
+            assert stats[key] == pytest.approx(ref_stats[key], rel=1e-12), key
+        assert np.all(adv[0:4] == 0.0) and adv[4] == 0.0 and np.all(adv[8:12] == 0.0)
+
+
+def test_two_completions_with_different_rewards_get_plus_minus_one_over_root_two():
+    adv, stats = group_advantages(np.array([1.0, 0.0]), 2)
+    np.testing.assert_allclose(adv, [0.5 / (2**-0.5 + 1e-4), -0.5 / (2**-0.5 + 1e-4)], rtol=1e-12)
+    assert stats["frac_reward_zero_std"] == 0.0
+    adv, stats = group_advantages(np.array([3.0, 3.0, 0.0, 1.0]), 2)
+    assert list(adv[:2]) == [0.0, 0.0] and stats["frac_reward_zero_std"] == 0.5
