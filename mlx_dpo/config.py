@@ -225,7 +225,7 @@ def validate(cfg: dict[str, Any]) -> None:
 
 def _check_online(cfg: dict[str, Any]) -> None:
     """Cross-key rules of the online losses (and beta > 0 for the offline ones)."""
-    loss_type = cfg.get("loss_type", DEFAULTS["loss_type"])
+    loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
     if not is_online(loss_type):
         if cfg.get("beta") == 0:
             raise ConfigError("invalid value for 'beta': 0 (expected a number > 0)")
@@ -234,12 +234,13 @@ def _check_online(cfg: dict[str, Any]) -> None:
     if funcs is not None and weights is not None and len(weights) != len(funcs):
         raise ConfigError(f"invalid value for 'reward_weights': {len(weights)} weights for {len(funcs)} reward functions")
     unit = (cfg.get("grad_accumulation_steps") or 1) * (cfg.get("num_iterations") or 1)
-    save_every = cfg.get("save_every")
-    if _is_int(save_every) and save_every > 0 and save_every % unit:
-        raise ConfigError(
-            f"invalid value for 'save_every': {save_every} (must be a multiple of grad_accumulation_steps x "
-            f"num_iterations = {unit}, so a checkpoint starts a fresh generation batch)"
-        )
+    for key in ("save_every", "iters"):  # the final checkpoint is at iters
+        value = cfg.get(key)
+        if _is_int(value) and value > 0 and value % unit:
+            raise ConfigError(
+                f"invalid value for '{key}': {value} (must be a multiple of grad_accumulation_steps x "
+                f"num_iterations = {unit}, so a checkpoint starts a fresh generation batch)"
+            )
 
 
 def flatten_trl_block(cfg: dict[str, Any]) -> dict[str, Any]:

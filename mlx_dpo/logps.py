@@ -109,8 +109,30 @@ def get_batched_logps(
     return (logps * mask).sum(axis=-1), mask.sum(axis=-1)
 
 
+class _Tempered(nn.Module):
+    """A head whose logits are divided by the sampling temperature."""
+
+    def __init__(self, head: nn.Module, temperature: float):
+        super().__init__()
+        self.head, self.temperature = head, temperature
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.head(x).astype(mx.float32) / self.temperature
+
+
+def _entropy(logits: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+    return lse.squeeze(-1) - (mx.exp(logits - lse) * logits).sum(axis=-1)
+
+
 def get_token_logps(
-    model: nn.Module, tokens: mx.array, start: int = 0, temperature: float = 1.0, with_entropy: bool = False
+    model: nn.Module,
+    tokens: mx.array,
+    start: int = 0,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int = 0,
 ) -> tuple[mx.array, Optional[mx.array]]:
     """Per-token log-probs of ``tokens[:, start + 1:]`` from logits divided by ``temperature``.
 
@@ -118,10 +140,24 @@ def get_token_logps(
     it was sampled from (TRL divides the logits by the sampling temperature),
     not a sum. Returns ``(logps, entropy)``, both (N, L - 1 - start); the
     entropy of each position's tempered distribution is a metric only (no
-    gradient), computed when ``with_entropy``.
+    gradient), computed when ``with_entropy``. ``chunk_size > 0`` projects onto
+    the vocabulary that many positions at a time (``chunked_token_logps``), so
+    no (N, L, V) array is alive: G completions x a 150k vocabulary need it.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1 + start :]
-    parts = split_head(model) if start > 0 else None
+    width = inputs.shape[1] - start
+    parts = split_head(model) if start > 0 or 0 < chunk_size < width else None
+    if parts is not None and 0 < chunk_size < width:
+        body, head = parts
+        hidden = body(inputs)[:, start:]
+        logps = chunked_token_logps(hidden, targets, _Tempered(head, temperature), chunk_size)
+        entropy = None
+        if with_entropy:
+            h = mx.stop_gradient(hidden)
+            entropy = mx.concatenate(
+                [_entropy(head(h[:, i : i + chunk_size]) / temperature) for i in range(0, width, chunk_size)], axis=1
+            )
+        return logps, entropy
     if parts is not None:
         body, head = parts
         logits = head(body(inputs)[:, start:])
@@ -131,9 +167,5 @@ def get_token_logps(
     if temperature != 1.0:
         logits = logits / temperature
     logps = token_logps(logits, targets)
-    entropy = None
-    if with_entropy:
-        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
-        probs = mx.exp(logits - lse)
-        entropy = mx.stop_gradient(lse.squeeze(-1) - (probs * logits).sum(axis=-1))
+    entropy = mx.stop_gradient(_entropy(logits)) if with_entropy else None
     return logps, entropy

@@ -198,7 +198,7 @@ INHERITED_KEYS = (
 )
 
 
-def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype) -> tuple:
+def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype, chunk: int = 0) -> tuple:
     """For the online losses: the rollout batch source and its loss, and the reward functions' check.
 
     The reward functions are resolved before any training (a misspelt name fails in the first
@@ -223,12 +223,13 @@ def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype
         grad_accumulation_steps=args.grad_accumulation_steps, sampling=sampling,
         reward_weights=args.reward_weights, scale_rewards=args.scale_rewards,
         mask_truncated_completions=args.mask_truncated_completions, beta=args.beta, loss_type=args.loss_type,
+        chunk_size=chunk,
     )
     reference = None
     if args.beta > 0:
         reference_model = load_reference_for_online(args, model)
         cast(reference_model, dtype)
-        reference = token_reference(model, reference_model, sampling.temperature or 1.0)
+        reference = token_reference(model, reference_model, sampling.temperature or 1.0, chunk)
     batches = make_rollout_source(model, tokenizer, funcs, online, reference)
     loss_fn = make_online_loss(online, args.epsilon, args.epsilon_high, args.importance_sampling_level, args.max_completion_length)
     return batches, loss_fn
@@ -309,6 +310,11 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     sets = load_sets(args, tokenizer, splits)
     if args.train and not sets.get("train"):
         raise DataError(f"no training data: {args.data} has no usable train split")
+    if args.train and is_online(args.loss_type) and len(sets["train"]) < args.batch_size * args.grad_accumulation_steps:
+        raise ConfigError(
+            f"invalid value for 'batch_size': {args.batch_size} (one generation batch takes batch_size x "
+            f"grad_accumulation_steps prompts; the train split has only {len(sets['train'])})"
+        )
     if args.train and len(sets["train"]) < args.batch_size:
         raise ConfigError(f"invalid value for 'batch_size': {args.batch_size} (the train split has only {len(sets['train'])} usable examples)")
     if args.test and not sets.get("test"):
@@ -344,7 +350,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             reference = None  # every batch now carries its reference log-probs
             del reference_model  # a separate reference is no longer needed in memory
     if online:
-        batches, loss_fn = online_parts(args, model, tokenizer, dtype)
+        batches, loss_fn = online_parts(args, model, tokenizer, dtype, chunk)
     else:
         loss_fn = make_loss(
             args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk,

@@ -48,6 +48,7 @@ class OnlineArgs:
     mask_truncated_completions: bool = False
     beta: float = 0.0
     loss_type: str = "dapo"
+    chunk_size: int = 0  # positions per vocabulary projection (0: all at once); see logps.get_token_logps
     pad_multiple: int = 32  # fewer distinct widths: fewer traces of the compiled step
 
 
@@ -55,14 +56,16 @@ class RolloutError(BatchSourceError):
     """A reward function failed; the message names it and the problem."""
 
 
-def token_reference(model: nn.Module, reference_model: Optional[nn.Module], temperature: float) -> TokenLogpsFn:
+def token_reference(
+    model: nn.Module, reference_model: Optional[nn.Module], temperature: float, chunk_size: int = 0
+) -> TokenLogpsFn:
     """Reference per-token log-probs (no gradient): the separate model, or the policy with its adapters bypassed."""
 
     def fn(tokens: mx.array, start: int) -> mx.array:
         if reference_model is not None:
-            return mx.stop_gradient(get_token_logps(reference_model, tokens, start, temperature)[0])
+            return mx.stop_gradient(get_token_logps(reference_model, tokens, start, temperature, chunk_size=chunk_size)[0])
         with adapters_disabled(model):
-            return mx.stop_gradient(get_token_logps(model, tokens, start, temperature)[0])
+            return mx.stop_gradient(get_token_logps(model, tokens, start, temperature, chunk_size=chunk_size)[0])
 
     return fn
 
@@ -116,16 +119,22 @@ def make_rollout_source(
         except RewardError as e:
             raise RolloutError(str(e)) from None
 
-    def micro_batch(chunk: list[Prompt], comps: list[Completion], adv: np.ndarray) -> dict:
+    def micro_batch(chunk: list[Prompt], comps: list[Completion], adv: np.ndarray, keep_old: bool) -> dict:
         rows = [(chunk[c.prompt_index].ids + list(c.token_ids), len(chunk[c.prompt_index].ids)) for c in comps]
         batch = pad_batch([(r,) for r in rows], pad_id=tokenizer.eos_token_id or 0, pad_multiple=args.pad_multiple)
         if args.mask_truncated_completions:
             keep = mx.array([1.0 if c.finished else 0.0 for c in comps])[:, None]
             batch["mask"] = batch["mask"] * keep
         batch["advantages"] = mx.array(adv.astype(np.float32))
-        start = batch["logits_from"]
-        if mu > 1:  # the policy that sampled, frozen for the mu steps on this batch
-            batch["old_logps"] = mx.stop_gradient(get_token_logps(model, batch["tokens"], start, temperature)[0])
+        # Rows are random prompts, not length-grouped: a coarse start bounds the compiled step's traces.
+        batch["logits_from"] = start = batch["logits_from"] // args.pad_multiple * args.pad_multiple
+        if keep_old:  # the policy that sampled (dropout off, as when sampling), frozen for the mu steps
+            training = model.training
+            model.eval()
+            old = get_token_logps(model, batch["tokens"], start, temperature, chunk_size=args.chunk_size)[0]
+            batch["old_logps"] = mx.stop_gradient(old)
+            mx.eval(batch["old_logps"])
+            model.train(training)
         if args.beta != 0.0 and reference is not None:
             batch["ref_logps"] = reference(batch["tokens"], start)
         mx.eval({k: v for k, v in batch.items() if isinstance(v, mx.array)})
@@ -166,28 +175,43 @@ def make_rollout_source(
                 chunk = [prompts[j] for j in mine]
                 tic = time.perf_counter()
                 mx.random.seed(rollout_seed(seed, generation, rank))
-                comps = sample_groups(model, [p.ids for p in chunk], G, args.sampling, eos_ids)
+                comps = sample_groups(model, [p.ids for p in chunk], G, args.sampling, eos_ids) if chunk else []
                 rollout_s = time.perf_counter() - tic
-                rewards = score(chunk, comps)
+                # Every rank takes part in every collective below, in the same order, even with
+                # no prompts (a short last evaluation batch) or a failed reward function.
+                failure = None
+                try:
+                    rewards = score(chunk, comps) if chunk else np.zeros((0, len(names)))
+                except RolloutError as e:
+                    failure, rewards = e, np.zeros((0, len(names)))
+                failed = _all_sum(np.array([failure is not None], np.float64), comm_group)[0]
+                if failed:
+                    raise failure or RolloutError("a reward function failed on another process (see its output)")
                 combined = combine_rewards(rewards, args.reward_weights)
                 batch_std = _global_std(combined, comm_group) if args.scale_rewards == "batch" else None
+                kept = [len(c.token_ids) for c in comps if c.finished or not args.mask_truncated_completions]
+                tokens = float(sum(kept))
+                normalizer = _all_sum(np.array([tokens]), comm_group)[0] / (world * accum)
+                if not chunk:
+                    continue
                 adv, stats = group_advantages(combined, G, args.scale_rewards, batch_std)
                 stats.update(_stats(comps, rewards, names, rollout_s))
-                tokens = sum(len(c.token_ids) * (c.finished or not args.mask_truncated_completions) for c in comps)
-                normalizer = _all_sum(float(tokens), comm_group) / (world * accum)
                 per_step = -(-len(chunk) // accum)
                 batches = []
                 for s in range(0, len(chunk), per_step):
                     sel = [k for k, c in enumerate(comps) if s <= c.prompt_index < s + per_step]
-                    b = micro_batch(chunk, [comps[k] for k in sel], adv[sel])
+                    b = micro_batch(chunk, [comps[k] for k in sel], adv[sel], reuse > 1)
                     b["normalizer"] = mx.array(normalizer, mx.float32)
                     b["stats"] = {k: mx.array(v, mx.float32) for k, v in stats.items()}
+                    # Summed over a report window: counted once per generation batch.
                     b["stats"]["time/rollout"] = mx.array(rollout_s if s == 0 else 0.0, mx.float32)
-                    b["stats"]["count/completion_tokens"] = mx.array(float(tokens) if s == 0 else 0.0, mx.float32)
+                    b["stats"]["count/completion_tokens"] = mx.array(tokens if s == 0 else 0.0, mx.float32)
                     b["index"] = mx.array(np.asarray(mine, dtype=np.int32)[s : s + per_step])
                     batches.append(b)
-                for _ in range(reuse):
-                    yield from batches
+                yield from batches
+                once = {"time/rollout": mx.array(0.0), "count/completion_tokens": mx.array(0.0)}
+                for _ in range(reuse - 1):  # mu > 1: the same rows again, their sampling cost already counted
+                    yield from ({**b, "stats": {**b["stats"], **once}} for b in batches)
             epoch += 1
             if not loop:
                 return
@@ -195,21 +219,24 @@ def make_rollout_source(
     return iterate
 
 
-def _all_sum(value: float, group: Optional[mx.distributed.Group]) -> float:
+def _all_sum(values: np.ndarray, group: Optional[mx.distributed.Group]) -> np.ndarray:
+    """Element-wise sum over all ranks (the values themselves on one)."""
+    values = np.asarray(values, dtype=np.float64)
     if group is None or group.size() == 1:
-        return value
-    return float(mx.distributed.all_sum(mx.array(value, mx.float32), group=group, stream=mx.cpu).item())
+        return values
+    return np.array(mx.distributed.all_sum(mx.array(values.astype(np.float32)), group=group, stream=mx.cpu), np.float64)
 
 
 def _global_std(rewards: np.ndarray, group: Optional[mx.distributed.Group]) -> float:
-    """Std (Bessel) of the valid rewards over all ranks: ``scale_rewards: batch``."""
+    """Std (Bessel) of the valid rewards over all ranks (``scale_rewards: batch``), in two passes:
+    the mean first, then the squared deviations, so float32 sums keep their precision."""
     ok = rewards[~np.isnan(rewards)]
-    if group is not None and group.size() > 1:
-        moments = mx.array([ok.size, ok.sum(), (ok**2).sum()], mx.float32)
-        n, s, sq = mx.distributed.all_sum(moments, group=group, stream=mx.cpu).tolist()
-    else:
-        n, s, sq = ok.size, ok.sum(), (ok**2).sum()
-    return float(np.sqrt(max(sq - s * s / n, 0.0) / (n - 1))) if n > 1 else 0.0
+    n, total = _all_sum(np.array([ok.size, ok.sum()]), group)
+    if n < 2:
+        return float("nan")
+    mean = total / n
+    squares = _all_sum(np.array([((ok - mean) ** 2).sum()]), group)[0]
+    return float(np.sqrt(squares / (n - 1)))
 
 
 def make_online_loss(args: OnlineArgs, epsilon: float, epsilon_high: Optional[float], importance_sampling_level: str,
@@ -219,7 +246,7 @@ def make_online_loss(args: OnlineArgs, epsilon: float, epsilon_high: Optional[fl
 
     def loss_fn(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
         start = batch["logits_from"]
-        logps, entropy = get_token_logps(model, batch["tokens"], start, temperature, with_entropy=True)
+        logps, entropy = get_token_logps(model, batch["tokens"], start, temperature, True, args.chunk_size)
         mask = batch["mask"][:, start:]
         loss, metrics = grpo_loss(
             logps, batch["advantages"], mask, batch.get("old_logps"), batch.get("ref_logps"),

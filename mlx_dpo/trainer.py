@@ -8,6 +8,7 @@ callbacks, the wired-limit guard and ``average_gradients`` for ``mlx.launch``.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -104,10 +105,10 @@ def evaluate(
     total = -(-len(dataset) // batch_size)
     total = total if num_batches == -1 else min(total, num_batches)
     batches = iterate_batches(dataset, batch_size, loop=False, shuffle=False, drop_last=False, comm_group=world)
+    if num_batches != -1:  # never build a batch that is not used: an online source samples it
+        batches = itertools.islice(batches, num_batches)
     with Progress(total, desc, unit="batch", enabled=world.rank() == 0, leave=False, interval=30.0) as bar:
-        for i, batch in enumerate(batches):
-            if num_batches != -1 and i >= num_batches:
-                break
+        for batch in batches:
             loss, metrics = loss_fn(model, batch)
             acc.add(loss, metrics)
             mx.eval(acc.arrays())
@@ -250,6 +251,12 @@ def train(
             save_checkpoint(model, optimizer, adapter_file, it, numbered)
         last_saved = adapter_file
 
+    def save_before_failing(it: int) -> None:
+        """A batch could not be made at step ``it``: keep steps up to ``it - 1`` if they end a save unit."""
+        if it - 1 > start_step and (it - 1) % save_unit == 0:
+            checkpoint(it - 1)
+            say(f"Iter {it - 1}: saved adapters and training state to {adapter_file.parent}.")
+
     model.train()
     bar = Progress(args.iters, "Training", initial=start_step, enabled=rank == 0)
     say = bar.write
@@ -257,7 +264,11 @@ def train(
         for it in range(start_step + 1, args.iters + 1):
             if val_dataset and args.val_batches != 0 and (it == start_step + 1 or it % args.steps_per_eval == 0 or it == args.iters):
                 tic = time.perf_counter()
-                val = evaluate(model, loss_fn, val_dataset, args.batch_size, args.val_batches, iterate_batches, "Validating")
+                try:
+                    val = evaluate(model, loss_fn, val_dataset, args.batch_size, args.val_batches, iterate_batches, "Validating")
+                except BatchSourceError:
+                    save_before_failing(it)
+                    raise
                 model.train()
                 val_time = time.perf_counter() - tic
                 say(f"Iter {it - 1}: {format_metrics(val, prefix='Val ')}, val took {val_time:.2f}s")
@@ -270,9 +281,7 @@ def train(
             try:
                 batch = next(batches)
             except BatchSourceError:
-                if it - 1 > start_step and (it - 1) % save_unit == 0:
-                    checkpoint(it - 1)
-                    say(f"Iter {it - 1}: saved adapters and training state to {adapter_file.parent}.")
+                save_before_failing(it)
                 raise
             mx.random.seed(step_seed(args.seed, it))
             loss, metrics, new_grad, finite = grad_step(batch, grad)

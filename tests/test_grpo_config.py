@@ -53,3 +53,15 @@ def test_bad_online_values_are_one_line_errors(tmp_path, text, key):
     with pytest.raises(ConfigError) as e:
         cfg(tmp_path, text)
     assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_axolotl_grpo_with_beta_zero_loads(tmp_path):
+    args = cfg(tmp_path, "rl: grpo\nbeta: 0\ntrl:\n  num_generations: 4\n")
+    assert args.loss_type == "dapo" and args.beta == 0
+    args = cfg(tmp_path, "rl: grpo\ntrl:\n  beta: 0.0\n")
+    assert args.beta == 0.0
+
+
+def test_iters_must_end_a_generation_batch(tmp_path):
+    with pytest.raises(ConfigError, match="'iters': 30 .*= 4"):
+        cfg(tmp_path, "loss_type: grpo\nnum_iterations: 2\ngrad_accumulation_steps: 2\nsave_every: 4\niters: 30\n")

@@ -103,7 +103,11 @@ def test_resume_continues_with_the_same_completions_and_weights(tiny_model_path,
         np.testing.assert_allclose(np.array(b[k]), np.array(a[k]), rtol=1e-4, atol=1e-6)
     same = lambda p: [(r["step"], r["reward"], r["completions/mean_length"]) for r in read_metrics(p) if r["split"] == "train"]
     assert same(full)[8:] == same(split)[8:]  # steps 9-12 sampled the same completions
-    assert any(r["clip_ratio/region_mean"] >= 0 for r in read_metrics(full) if r["split"] == "train")
+    train = [r for r in read_metrics(full) if r["split"] == "train"]
+    assert all(r["clip_ratio/region_mean"] >= 0 for r in train)
+    # mu = 2: the rollout's time is counted once per generation batch, not once per reuse.
+    assert all(r["train_seconds"] > 0 and 0 <= r["rollout_share"] < 1 for r in train)
+    assert any(r["rollout_share"] > 0 for r in train)
 
 
 def test_kl_term_sequence_level_and_sampling_filters_run(tiny_model_path, prompt_data, tmp_path, monkeypatch):
@@ -152,10 +156,36 @@ def test_a_missing_reward_function_fails_before_training(tiny_model_path, prompt
 
 
 def test_two_processes_each_sample_their_own_prompts(tiny_model_path, prompt_data, tmp_path):
+    """Each rank samples its own prompts; a last validation batch of 3 prompts leaves one rank with
+    none, and it still takes part in every collective (no hang)."""
+    data = tmp_path / "data"
+    rows = [json.loads(x) for x in (prompt_data / "data" / "train.jsonl").read_text().splitlines()]
+    for split, part in (("train", rows), ("valid", rows[:3]), ("test", rows[:3])):
+        write_jsonl(data / f"{split}.jsonl", part)
     out = tmp_path / "two"
+    args = config(prompt_data, out, "--model", str(tiny_model_path), "--iters", "3", scale_rewards="batch")
+    args[args.index("--data") + 1] = str(data)
+    args[args.index("--val-batches") + 1] = "-1"
     cmd = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m", "mlx_dpo.lora",
-           *config(prompt_data, out, "--model", str(tiny_model_path), "--iters", "3", scale_rewards="batch")]
+           *args, "--steps-per-eval", "2", "--test"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=prompt_data)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
     records = [r for r in read_metrics(out) if r["split"] == "train"]
     assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "eval"] == [0, 1, 2]
+    assert json.loads((out / "test_metrics.json").read_text())["num_completions"] == 3 * 4
+
+
+def test_a_reward_failure_on_one_process_stops_both(tiny_model_path, prompt_data, tmp_path):
+    out = tmp_path / "two"
+    (tmp_path / "picky.py").write_text(
+        "def picky(completions, topic, **kwargs):\n"
+        "    if 'the hotel' in topic:\n        raise RuntimeError('no hotels')\n"
+        "    return [0.0 for _ in completions]\n"
+    )
+    cmd = [str(BIN / "mlx.launch"), "--backend", "ring", "-n", "2", "--python", sys.executable, "-m", "mlx_dpo.lora",
+           *config(prompt_data, out, "--model", str(tiny_model_path), "--iters", "8", "--batch-size", "8",
+                   reward_funcs=["picky.picky"])]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # a hang fails by timeout
+    assert "reward function 'picky'" in res.stderr and "no hotels" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
