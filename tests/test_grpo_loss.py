@@ -51,8 +51,24 @@ def test_loss_gradient_and_metrics_match_the_numpy_reference(loss_type, level, b
     np.testing.assert_allclose(np.array(grad), expected_grad, rtol=2e-4, atol=1e-6)
     for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean") + (("kl",) if beta else ()):
         assert float(metrics[key]) == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), key
-    if off_policy and level == "token":  # the inputs do reach both clip edges
-        assert ref_metrics["clip_ratio/region_mean"] > 0
+
+
+def test_both_clip_edges_cut_the_gradient_and_are_counted():
+    """Ratio 1.5 with A > 0 (above 1 + 0.28) and 0.5 with A < 0 (below 1 - 0.2): clipped, no gradient."""
+    logps = np.log(np.array([[1.5, 1.0], [0.5, 1.0]]))
+    old = np.zeros((2, 2))
+    adv, mask = np.array([1.0, -1.0]), np.ones((2, 2))
+    kw = dict(epsilon=0.2, epsilon_high=0.28, loss_type="bnpo")
+    loss, metrics = grpo_loss(mx.array(logps, mx.float32), mx.array(adv, mx.float32), mx.array(mask, mx.float32),
+                              mx.array(old, mx.float32), **kw)
+    grad = mx.grad(lambda x: grpo_loss(x, mx.array(adv, mx.float32), mx.array(mask, mx.float32), mx.array(old, mx.float32), **kw)[0])(
+        mx.array(logps, mx.float32))
+    expected, ref_metrics = ref_grpo_loss(logps, old, None, adv, mask, **kw)
+    assert float(loss) == pytest.approx(expected, rel=1e-6) == pytest.approx((-1.28 - 1.0 + 0.8 + 1.0) / 4, rel=1e-6)
+    np.testing.assert_allclose(np.array(grad), [[0.0, -0.25], [0.0, 0.25]], atol=1e-7)
+    assert float(metrics["clip_ratio/high_mean"]) == ref_metrics["clip_ratio/high_mean"] == 0.25
+    assert float(metrics["clip_ratio/low_mean"]) == ref_metrics["clip_ratio/low_mean"] == 0.25
+    assert float(metrics["clip_ratio/region_mean"]) == 0.5
 
 
 def test_reference_gradient_agrees_with_finite_differences():
