@@ -140,8 +140,9 @@ def restore_checkpoint(model: nn.Module, optimizer, path: Path) -> int:
 
 
 def load_reference(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn.Module]:
-    """The separate frozen reference model, or None to bypass the policy's adapters."""
-    if not needs_reference(args.loss_type):
+    """The separate frozen reference model, or None to bypass the policy's adapters (or where
+    the objective has no reference: GRPO's family has one only with ``beta > 0``)."""
+    if not (needs_reference(args.loss_type) or (is_online(args.loss_type) and args.beta > 0)):
         return None
     path = args.reference_model
     if path is None and args.fine_tune_type == "full":
@@ -227,24 +228,12 @@ def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype
     )
     reference = None
     if args.beta > 0:
-        reference_model = load_reference_for_online(args, model)
+        reference_model = load_reference(args, model)
         cast(reference_model, dtype)
         reference = token_reference(model, reference_model, sampling.temperature or 1.0, chunk)
     batches = make_rollout_source(model, tokenizer, funcs, online, reference)
     loss_fn = make_online_loss(online, args.epsilon, args.epsilon_high, args.importance_sampling_level, args.max_completion_length)
     return batches, loss_fn
-
-
-def load_reference_for_online(args: types.SimpleNamespace, model: nn.Module) -> Optional[nn.Module]:
-    """GRPO's KL term (beta > 0): a separate model, a frozen copy for full fine-tuning, or the bypassed adapters."""
-    path = args.reference_model or (args.model if args.fine_tune_type == "full" else None)
-    if path is None:
-        return None
-    rank0_print(f"Loading reference model {path}")
-    ref, _ = load_model(path, args, what="reference_model")
-    ref.freeze()
-    ref.eval()
-    return ref
 
 
 def inherit_training_settings(args: types.SimpleNamespace) -> None:

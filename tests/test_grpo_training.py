@@ -110,10 +110,12 @@ def test_resume_continues_with_the_same_completions_and_weights(tiny_model_path,
     assert any(r["rollout_share"] > 0 for r in train)
 
 
-def test_kl_term_sequence_level_and_sampling_filters_run(tiny_model_path, prompt_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fine_tune_type", ["lora", "full"])  # reference: adapters bypassed, or a frozen copy
+def test_kl_term_sequence_level_and_sampling_filters_run(tiny_model_path, prompt_data, tmp_path, monkeypatch, fine_tune_type):
     monkeypatch.chdir(prompt_data)
     out = tmp_path / "ad"
-    run(load_config(config(prompt_data, out, "--model", str(tiny_model_path), "--iters", "4", beta=0.1,
+    run(load_config(config(prompt_data, out, "--model", str(tiny_model_path), "--iters", "4", "--fine-tune-type",
+                           fine_tune_type, "--learning-rate", "3e-3" if fine_tune_type == "full" else "3e-2", beta=0.1,
                            loss_type="grpo", importance_sampling_level="sequence", scale_rewards="batch",
                            top_k=20, top_p=0.9, min_p=0.01)))
     last = [r for r in read_metrics(out) if r["split"] == "train"][-1]
