@@ -47,11 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx_dpo  # noqa: E402,F401  (loads the fast BLAS before mlx)
 import mlx.core as mx  # noqa: E402
-from mlx_lm.generate import batch_generate  # noqa: E402
-from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
-from bench_rollout import NoEosTokenizer, time_rounds  # noqa: E402
+from bench_rollout import engines, time_rounds  # noqa: E402
 from mlx_dpo.config import load_config  # noqa: E402
 from mlx_dpo.data import load_prompt_splits  # noqa: E402
 from mlx_dpo.metrics_log import read_metrics  # noqa: E402
@@ -108,20 +106,7 @@ def rollout_bench(model_path: str, data: str, args: argparse.Namespace) -> dict:
     G, T = args.G, args.max_tokens
     params = SamplingParams(temperature=1.0, max_tokens=T)
     batch = len(prompts) * G  # every row decoded together, by both engines
-
-    def ours(_: int) -> int:
-        comps = sample_groups(model, prompts, G, params, [], max_batch=batch)
-        return sum(len(c.token_ids) for c in comps)
-
-    repeated = [q for q in prompts for _ in range(G)]
-    no_eos = NoEosTokenizer(tokenizer)
-
-    def theirs(_: int) -> int:
-        out = batch_generate(
-            model, no_eos, repeated, max_tokens=T, return_token_ids=True, sampler=make_sampler(temp=1.0),
-            completion_batch_size=batch, prefill_batch_size=batch,
-        )
-        return sum(len(t) for t in out.token_ids)
+    ours, theirs = engines(model, tokenizer, prompts, G, T, batch)
 
     result = {"prompt_tokens": [len(p) for p in prompts], "rows": batch}
     for key, fn in (("ours", ours), ("mlx_lm", theirs)):

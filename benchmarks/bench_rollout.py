@@ -59,6 +59,28 @@ def time_rounds(fn, rounds: int) -> tuple[float, int]:
     return statistics.median(times), tokens
 
 
+def engines(model, tokenizer, prompts: list[list[int]], G: int, T: int, batch: int):
+    """``(ours, theirs)``: each samples G completions of T tokens per prompt (temperature 1, no EOS)
+    with ``batch`` rows decoded together, and returns the number of completion tokens."""
+    params = SamplingParams(temperature=1.0, max_tokens=T)
+
+    def ours(_: int) -> int:
+        comps = sample_groups(model, prompts, G, params, [], max_batch=batch)
+        return sum(len(c.token_ids) for c in comps)
+
+    repeated = [q for q in prompts for _ in range(G)]
+    no_eos = NoEosTokenizer(tokenizer)
+
+    def theirs(_: int) -> int:
+        out = batch_generate(
+            model, no_eos, repeated, max_tokens=T, return_token_ids=True, sampler=make_sampler(temp=1.0),
+            completion_batch_size=batch, prefill_batch_size=batch,
+        )
+        return sum(len(t) for t in out.token_ids)
+
+    return ours, theirs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="Model path (default: a random 256-wide, 4-layer Llama, vocabulary 2048).")
@@ -80,21 +102,7 @@ def main() -> None:
     model.eval()
     prompts = make_prompts(args.prompts, args.prompt_len, min(tokenizer.vocab_size, 512), seed=0)
     G, T = args.G, args.max_tokens
-    params = SamplingParams(temperature=1.0, max_tokens=T)
-
-    def ours(_: int) -> int:
-        comps = sample_groups(model, prompts, G, params, [], max_batch=args.max_batch)
-        return sum(len(c.token_ids) for c in comps)
-
-    repeated = [q for q in prompts for _ in range(G)]
-    no_eos = NoEosTokenizer(tokenizer)
-
-    def theirs(_: int) -> int:
-        out = batch_generate(
-            model, no_eos, repeated, max_tokens=T, return_token_ids=True, sampler=make_sampler(temp=1.0),
-            completion_batch_size=args.max_batch, prefill_batch_size=args.max_batch,
-        )
-        return sum(len(t) for t in out.token_ids)
+    ours, theirs = engines(model, tokenizer, prompts, G, T, args.max_batch)
 
     rows = []
     for name, fn in (("mlx_dpo sample_groups", ours), ("mlx_lm batch_generate", theirs)):

@@ -27,7 +27,7 @@ from .core import DataError, Dataset, Example, Sequence, as_dataset
 from .detect import CONFIDENCE_NOTE, DATA_FORMATS, DATA_OPTION_KEYS, LAYOUTS, NECTAR_PAIRINGS, detect_format
 from .normalize import ASSISTANT_MARKERS, split_implicit_prompt
 from .prompts import Prompt, build_prompts, load_prompt_splits
-from .records import Records, load_json_records, load_parquet_records, load_records, load_split_records
+from .records import Records, load_json_records, load_parquet_records, load_records, load_split_records, split_records
 
 __all__ = [
     "ASSISTANT_MARKERS",
@@ -112,21 +112,12 @@ def load_datasets(
     ``hub_splits`` maps ``train``/``valid``/``test`` (or ``train_split``/
     ``valid_split``/``test_split``) to the split names of a hub dataset.
     """
-    names = {}
-    for key, value in (hub_splits or {}).items():
-        split_key = key if key.endswith("_split") else f"{key}_split"
-        if split_key not in ("train_split", "valid_split", "test_split"):
-            raise DataError(f"unknown hub split key {key!r}; expected train, valid or test")
-        names[split_key] = value
     kind = _data_kind(loss_type)
     out = {}
-    for split in splits:
-        records = load_split_records(data, split, **names)
+    for split, records in split_records(data, splits, hub_splits):
         if records is None:
             out[split] = None
             continue
-        if not isinstance(records, Records):
-            records = Records(records, source=f"{data} ({split})")
         # Errors name the file (or hub split), the line and the field.
         if kind == "sft":
             examples, stats = build_sft(records, tokenizer, max_seq_length, mask_prompt, **features)

@@ -23,7 +23,7 @@ from typing import Optional
 
 from .check import MESSAGE_ROLES, no_template, problem_error, value_problem
 from .core import DataError, _describe, _one_line, _type
-from .records import Records, _at, load_split_records
+from .records import _at, split_records
 from .tokenize import _bos_prefix, _render, has_chat_template
 
 PROMPT_FIELDS = ("prompt", "messages")
@@ -130,16 +130,6 @@ def build_prompts(records, tokenizer, max_prompt_length: Optional[int] = None) -
     return prompts, {"prompts": len(prompts), "truncated": truncated}
 
 
-def _hub_names(hub_splits: Optional[dict]) -> dict:
-    names = {}
-    for key, value in (hub_splits or {}).items():
-        split_key = key if key.endswith("_split") else f"{key}_split"
-        if split_key not in ("train_split", "valid_split", "test_split"):
-            raise DataError(f"unknown hub split key {key!r}; expected train, valid or test")
-        names[split_key] = value
-    return names
-
-
 def load_prompt_splits(
     data: str,
     tokenizer,
@@ -150,15 +140,11 @@ def load_prompt_splits(
     """Prompts of each split (None where it is missing) from a folder of
     ``train``/``valid``/``test`` files, or a hub dataset id (``hub_splits``
     names its splits, as in ``load_datasets``); prints a line per split."""
-    names = _hub_names(hub_splits)
     out = {}
-    for split in splits:
-        records = load_split_records(data, split, **names)
+    for split, records in split_records(data, splits, hub_splits):
         if records is None:
             out[split] = None
             continue
-        if not isinstance(records, Records):
-            records = Records(records, source=f"{data} ({split})")
         prompts, stats = build_prompts(records, tokenizer, max_prompt_length)
         note = f" ({stats['truncated']} cut to their last {max_prompt_length} tokens)" if stats["truncated"] else ""
         print(f"{split}: {stats['prompts']} prompts{note}")

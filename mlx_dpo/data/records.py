@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .core import DataError, _one_line, _type
 
@@ -205,3 +205,24 @@ def load_split_records(
     if explicit:
         raise DataError(f"{data}: no split {names[0]!r} on the Hub; it has {', '.join(available)}")
     return None
+
+
+def hub_split_names(hub_splits: Optional[dict]) -> dict:
+    """``{train_split: ..., ...}`` from ``train``/``valid``/``test`` (or ``*_split``) keys."""
+    names = {}
+    for key, value in (hub_splits or {}).items():
+        split_key = key if key.endswith("_split") else f"{key}_split"
+        if split_key not in ("train_split", "valid_split", "test_split"):
+            raise DataError(f"unknown hub split key {key!r}; expected train, valid or test")
+        names[split_key] = value
+    return names
+
+
+def split_records(data: str, splits, hub_splits: Optional[dict] = None) -> Iterator[tuple[str, Optional["Records"]]]:
+    """``(split, records)`` for each split (None where it is missing), records named for errors."""
+    names = hub_split_names(hub_splits)
+    for split in splits:
+        records = load_split_records(data, split, **names)
+        if records is not None and not isinstance(records, Records):
+            records = Records(records, source=f"{data} ({split})")
+        yield split, records
