@@ -7,14 +7,26 @@ are per configuration), on the same sequences:
   dpo          mlx_dpo DPO, reference computed on the fly (adapter bypass)
   dpo-precomp  mlx_dpo DPO with precomputed reference log-probs
   sft-noblas   mlx-lm SFT again with MLX_DPO_BLAS=off (the wheel's own BLAS)
+  dpo-shared, dpo-precomp-shared   the same with prefix sharing (each prompt run once per pair)
 
-Tokens/s counts every real token forwarded: prompt and response, chosen and
-rejected (SFT trains on the same 2B sequences). The model defaults to a random
+Data shapes (``--shapes``): ``default`` (prompt 1/4-1/2 of the longest sequence, responses
+filling the rest), ``prompt-heavy`` (hh-rlhf-like: the prompt about twice a response),
+``balanced`` (prompt about one response) and ``response-heavy`` (a 16-32 token prompt).
+
+Tokens/s counts every real token of the pairs: prompt and response, chosen and
+rejected (SFT trains on the same 2B sequences), shared or not, so the figures
+compare. The benchmark also measures this machine's float32 GEMM peak (the BLAS
+in use, square matmuls) and reports each configuration's executed model FLOP/s
+as a share of it: 4 x matmul parameters x tokens run for the policy's forward
+and backward (LoRA: no weight gradients of the base), 2 x for a reference
+forward; tokens run are what the model actually processes (a shared prompt once). The model defaults to a random
 ~58M-parameter Llama (8 layers, hidden 512, 32k vocabulary) in float32, with
 LoRA rank 8 on every linear layer.
 
     python benchmarks/bench_dpo.py                    # the table and the ratios
     python benchmarks/bench_dpo.py --model PATH       # any mlx-lm model
+    python benchmarks/bench_dpo.py --shapes prompt-heavy,balanced,response-heavy \
+        --configs dpo,dpo-shared,dpo-precomp,dpo-precomp-shared   # prefix sharing
 """
 
 from __future__ import annotations
@@ -46,21 +58,38 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="Timed steps per configuration (after one warm-up pass over the batches).")
     p.add_argument("--noblas-steps", type=int, default=2, help="Timed steps for the slow-BLAS run.")
     p.add_argument("--configs", default="sft,dpo,dpo-precomp,sft-noblas")
+    p.add_argument("--shapes", default="default", help="Comma-separated data shapes: " + ", ".join(SHAPES))
+    p.add_argument("--shape", default="default", help=argparse.SUPPRESS)
     p.add_argument("--json", help="Also write the results here.")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
-def make_pairs(n_pairs: int, max_len: int, vocab: int, seed: int = 0):
-    """Random (prompt, chosen, rejected) token pairs of varied lengths."""
+# Shape: (prompt length range, response length range), as fractions of the longest sequence;
+# the response range's upper end is capped by what the prompt leaves.
+SHAPES = {
+    "default": ((1 / 4, 1 / 2), (1 / 8, 1.0)),
+    "prompt-heavy": ((0.55, 0.7), (0.2, 0.35)),  # hh-rlhf: median prompt about twice a response
+    "balanced": ((0.4, 0.5), (0.35, 0.5)),
+    "response-heavy": ((16, 32), (0.6, 0.9)),  # absolute prompt lengths: a short instruction
+}
+
+
+def make_pairs(n_pairs: int, max_len: int, vocab: int, seed: int = 0, shape: str = "default"):
+    """Random (prompt, chosen, rejected) token pairs of varied lengths, in the given shape."""
     import numpy as np
 
+    def tokens(bound: float) -> int:
+        return int(bound) if bound >= 1 and isinstance(bound, int) else int(bound * max_len)
+
+    (p_lo, p_hi), (r_lo, r_hi) = SHAPES[shape]
     rng = np.random.default_rng(seed)
     pairs = []
     for _ in range(n_pairs):
-        n_prompt = int(rng.integers(max_len // 4, max_len // 2))
-        n_c, n_r = (int(rng.integers(max_len // 8, max_len - n_prompt)) for _ in range(2))
+        n_prompt = int(rng.integers(tokens(p_lo), tokens(p_hi)))
+        room = max_len - n_prompt
+        n_c, n_r = (int(rng.integers(min(tokens(r_lo), room - 1), min(tokens(r_hi), room) + 1)) for _ in range(2))
         prompt = rng.integers(3, vocab, n_prompt).tolist()
         pairs.append(((prompt + rng.integers(3, vocab, n_c).tolist(), n_prompt), (prompt + rng.integers(3, vocab, n_r).tolist(), n_prompt)))
     return pairs
@@ -88,9 +117,13 @@ def worker(args: argparse.Namespace) -> dict:
     linear_to_lora_layers(model, -1, {"rank": 8, "scale": 20.0, "dropout": 0.0})
     vocab = model.args.vocab_size if hasattr(model, "args") else args.vocab
     n_batches = args.distinct_batches
-    pairs = make_pairs(args.batch_size * n_batches, args.max_len, vocab)
+    pairs = make_pairs(args.batch_size * n_batches, args.max_len, vocab, shape=args.shape)
     groups = [pairs[i * args.batch_size : (i + 1) * args.batch_size] for i in range(n_batches)]
     tokens_per_batch = [sum(len(s[0]) for ex in g for s in ex) for g in groups]
+    share = cfg.endswith("-shared")
+    # Tokens the model actually runs: a shared prompt once (its last token starts each response).
+    run_per_batch = [sum(ex[0][1] - 1 for ex in g) + sum(len(t) - st for ex in g for t, st in ex) if share else n
+                     for g, n in zip(groups, tokens_per_batch)]
 
     times: list[float] = []
 
@@ -122,11 +155,12 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         from mlx_dpo.trainer import TrainingArgs, train
 
-        batches = [pad_batch(g) for g in groups]
+        batches = [pad_batch(g, share_prefix=share) for g in groups]
+        assert all(("prefix_tokens" in b) == share for b in batches)
         reference = make_reference(model)
-        if cfg == "dpo-precomp":
+        if cfg.startswith("dpo-precomp"):
             for g, b in zip(groups, batches):
-                ref = compute_reference_logps(reference, g, args.batch_size)
+                ref = compute_reference_logps(reference, g, args.batch_size, share_prefix=share)
                 b["reference_logps"] = mx.array(ref.T.reshape(-1))
             reference = None
 
@@ -140,21 +174,51 @@ def worker(args: argparse.Namespace) -> dict:
 
     timed = times[n_batches:]  # the first pass over the batches compiles each shape
     step = statistics.median(timed)
+    from mlx.utils import tree_flatten
+
+    matmul_params = sum(m.weight.size for _, m in model.named_modules() if type(m).__name__ in ("Linear", "QuantizedLinear"))
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        matmul_params += model.model.embed_tokens.weight.size  # the tied head is a matmul too
+    passes = 4 + (2 if cfg == "dpo" or cfg == "dpo-shared" else 0)  # policy fwd+bwd, reference fwd
     return {
         "config": cfg,
+        "shape": args.shape,
+        "mean_prompt": statistics.mean(ex[0][1] for g in groups for ex in g),
+        "mean_response": statistics.mean(len(t) - st for g in groups for ex in g for t, st in ex),
+        "model_gflops": passes * matmul_params * statistics.mean(run_per_batch) / step / 1e9,
         "blas": _blas.status[0],
         "step_s": step,
         "tokens_per_s": statistics.mean(tokens_per_batch) / step,
         "peak_gb": mx.get_peak_memory() / 1e9,
         "steps_timed": len(timed),
-        "params_m": sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.parameters())) / 1e6,
+        "params_m": sum(v.size for _, v in tree_flatten(model.parameters())) / 1e6,
     }
+
+
+def gemm_peak() -> dict:
+    """This machine's float32 GEMM rate with the BLAS in use: the best median over square sizes."""
+    import mlx_dpo  # noqa: F401
+    import mlx.core as mx
+
+    from mlx_dpo import _blas
+
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(a, b, a @ b)
+        runs = []
+        for _ in range(5):
+            tic = time.perf_counter()
+            mx.eval(a @ b)
+            runs.append(time.perf_counter() - tic)
+        best = max(best, 2 * n**3 / statistics.median(runs) / 1e9)
+    return {"config": "gemm", "gflops": best, "blas": _blas.status[0]}
 
 
 def main() -> None:
     args = parse()
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print("RESULT " + json.dumps(gemm_peak() if args.worker == "gemm" else worker(args)), flush=True)
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -165,32 +229,56 @@ def main() -> None:
             model_dir = str(make_model(Path(tmp) / "model", hidden_size=args.hidden, num_layers=args.layers,
                                        num_heads=8, intermediate_size=args.intermediate, vocab_size=args.vocab,
                                        tokenizer_vocab=512))
-        results = {}
-        for cfg in args.configs.split(","):
+        shapes = args.shapes.split(",")
+        unknown = [s for s in shapes if s not in SHAPES]
+        if unknown:
+            sys.exit(f"unknown shape(s) {unknown}: choose from {', '.join(SHAPES)}")
+        runs = {}
+        for shape, cfg in [(None, "gemm")] + [(s, c) for s in shapes for c in args.configs.split(",")]:
             env = dict(os.environ)
             if cfg.endswith("noblas"):
                 env["MLX_DPO_BLAS"] = "off"
-            passed = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "model_dir", "configs", "model") and v is not None}
-            cmd = [sys.executable, __file__, "--worker", cfg, "--model-dir", model_dir]
+            skip = ("json", "worker", "model_dir", "configs", "model", "shapes", "shape")
+            passed = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+            cmd = [sys.executable, __file__, "--worker", cfg, "--model-dir", model_dir, "--shape", shape or "default"]
             cmd += [x for k, v in passed.items() for x in (f"--{k.replace('_', '-')}", str(v))]
             tic = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not line:
                 sys.exit(f"{cfg} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-            results[cfg] = json.loads(line[0][7:])
-            print(f"  {cfg}: done in {time.perf_counter() - tic:.0f}s", file=sys.stderr, flush=True)
+            runs[(shape, cfg)] = json.loads(line[0][7:])
+            print(f"  {shape or ''} {cfg}: done in {time.perf_counter() - tic:.0f}s", file=sys.stderr, flush=True)
 
-    r0 = next(iter(results.values()))
+    peak = runs.pop((None, "gemm"))
+    r0 = next(iter(runs.values()))
     print(f"\nmodel: {args.model or 'random Llama'} ({r0['params_m']:.1f}M parameters), float32, LoRA r=8 on all linears, "
-          f"{args.batch_size} pairs/step, sequences up to {args.max_len} tokens, median of timed steps\n")
-    print(f"| config | BLAS | step (s) | tokens/s | peak memory (GB) | steps timed |")
-    print(f"|---|---|---|---|---|---|")
-    for r in results.values():
-        print(f"| {r['config']} | {r['blas']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['peak_gb']:.3f} | {r['steps_timed']} |")
+          f"{args.batch_size} pairs/step, sequences up to {args.max_len} tokens, median of timed steps")
+    print(f"float32 GEMM peak on this machine ({peak['blas']}): {peak['gflops']:.1f} GFLOP/s\n")
+    print("| shape | prompt / response (mean tokens) | config | BLAS | step (s) | tokens/s | peak memory (GB) | model GFLOP/s | share of GEMM peak | steps timed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (shape, _), r in runs.items():
+        print(f"| {shape} | {r['mean_prompt']:.0f} / {r['mean_response']:.0f} | {r['config']} | {r['blas']} | {r['step_s']:.3f} | "
+              f"{r['tokens_per_s']:.0f} | {r['peak_gb']:.3f} | {r['model_gflops']:.1f} | {r['model_gflops'] / peak['gflops']:.0%} | {r['steps_timed']} |")
     print()
     ratios = []
-    if "sft" in results:
+    for shape in shapes:
+        for plain in ("dpo", "dpo-precomp"):
+            a, b = runs.get((shape, plain)), runs.get((shape, plain + "-shared"))
+            if a and b:
+                target = {"prompt-heavy": 1.4, "response-heavy": 0.95}.get(shape)
+                value = b["tokens_per_s"] / a["tokens_per_s"]
+                ratios.append((f"{shape}: {plain}-shared tokens/s vs {plain}", value, f">= {target:.2f}" if target else "-",
+                               value >= target if target else None))
+                mem = b["peak_gb"] / a["peak_gb"]
+                ratios.append((f"{shape}: {plain}-shared peak memory vs {plain}", mem, "-", None))
+    for (shape, cfg), r in runs.items():
+        if cfg.startswith("dpo") and shape in ("default", "balanced"):
+            share = r["model_gflops"] / peak["gflops"]
+            ratios.append((f"{shape}: {cfg} share of the GEMM peak", share, ">= 0.50", share >= 0.5))
+    results = {f"{s}/{c}": r for (s, c), r in runs.items()}
+    if ("default", "sft") in runs:
+        results = {c: r for (s, c), r in runs.items() if s == "default"}
         sft = results["sft"]
         for cfg, target in (("dpo-precomp", 0.90), ("dpo", 0.70)):
             if cfg in results:
@@ -205,9 +293,10 @@ def main() -> None:
     print("| ratio | value | target | met |")
     print("|---|---|---|---|")
     for name, value, target, ok in ratios:
-        print(f"| {name} | {value:.2f} | {target} | {'yes' if ok else 'NO'} |")
+        print(f"| {name} | {value:.2f} | {target} | {'-' if ok is None else 'yes' if ok else 'NO'} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "ratios": [r[:2] for r in ratios]}, indent=2))
+        out = {"gemm_peak": peak, "results": results, "ratios": [r[:2] for r in ratios]}
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ import mlx.core as mx
 import numpy as np
 
 from .data import Example
+from .prefix import shared_prefix_fields
 
 
-def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 1) -> dict[str, mx.array]:
+def pad_batch(
+    examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 1, share_prefix: bool = False
+) -> dict:
     """Stack the k-th sequence of every example into rows ``k*B .. k*B+B-1``.
 
     For pairs that puts all chosen rows first, then all rejected rows, so one
@@ -18,6 +21,9 @@ def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 
     where target ``tokens[r, j+1]`` is a response token; padding (whatever its
     id) is never counted. ``lengths`` holds each row's real token count and
     ``logits_from`` (an int) the first target position a response needs.
+    With ``share_prefix`` a batch whose examples' sequences share their prompt
+    also carries the shared-prefix fields (``prefix.shared_prefix_fields``):
+    each prompt then runs through the model once.
     """
     seqs = [ex[k] for k in range(len(examples[0])) for ex in examples]
     longest = max(len(toks) for toks, _ in seqs)
@@ -31,7 +37,11 @@ def pad_batch(examples: Sequence[Example], pad_id: int = 0, pad_multiple: int = 
     # First target position any row's response needs, rounded down to a multiple of 8 so
     # that a compiled step sees few distinct values (each one is traced once).
     logits_from = (min(max(start, 1) for _, start in seqs) - 1) // 8 * 8
-    return {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths), "logits_from": logits_from}
+    batch = {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths), "logits_from": logits_from}
+    if share_prefix and len(examples[0]) > 1:
+        shared = shared_prefix_fields(seqs, [r % len(examples) for r in range(len(seqs))], pad_id, pad_multiple)
+        batch.update({k: mx.array(v) for k, v in (shared or {}).items()})
+    return batch
 
 
 def length_groups(
@@ -78,13 +88,14 @@ def iterate_batches(
     shuffle: bool = True,
     drop_last: bool = True,
     skip: int = 0,
+    share_prefix: bool = False,
 ) -> Iterator[dict[str, mx.array]]:
     """Yield padded batches; each epoch visits the length groups in a fresh seeded order.
 
     A ``data.Dataset`` adds its ``fields`` (labels, confidences, precomputed
     reference log-probs) to each batch, in row order. ``skip`` passes over the
     first batches without building them: a resumed run sees exactly the batches
-    an uninterrupted one would.
+    an uninterrupted one would. ``share_prefix``: see ``pad_batch``.
     """
     rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
     groups = length_groups(dataset, batch_size, rank, world, drop_last)
@@ -96,7 +107,7 @@ def iterate_batches(
                 skip -= 1
                 continue
             idx = np.asarray(groups[g], dtype=np.int32)
-            batch = pad_batch([dataset[i] for i in idx], pad_id, pad_multiple)
+            batch = pad_batch([dataset[i] for i in idx], pad_id, pad_multiple, share_prefix)
             batch["index"] = mx.array(idx)
             for name, values in getattr(dataset, "fields", {}).items():
                 # Per-sequence fields follow the row order: all first sequences, then all second.

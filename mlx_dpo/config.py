@@ -74,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
     # Speed and memory.
     "dtype": "auto",
     "precompute_reference": False,
+    "prefix_sharing": "auto",
     "pad_to_multiple": 1,
     "logits_chunk_size": None,
 }
@@ -173,6 +174,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "compile": (lambda v: isinstance(v, bool), "true or false"),
     "dtype": (lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
     "precompute_reference": (lambda v: isinstance(v, bool), "true or false"),
+    "prefix_sharing": (lambda v: isinstance(v, bool) or v == "auto", "auto, true or false"),
     "resume": (lambda v: isinstance(v, bool), "true or false"),
     "skip_nonfinite": (lambda v: isinstance(v, bool), "true or false"),
     "pad_to_multiple": (lambda v: _is_int(v) and v > 0, "a positive integer (1: pad to the batch maximum)"),
@@ -306,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="Continue from the checkpoint in adapter_path (weights, optimizer, step).")
     parser.add_argument("--skip-nonfinite", action="store_true", help="Skip batches whose loss or gradient is NaN/inf instead of stopping.")
     parser.add_argument("--precompute-reference", action="store_true", help="Compute reference log-probs once and cache them on disk.")
+    parser.add_argument("--prefix-sharing", type=lambda v: {"true": True, "false": False}.get(v.lower(), v.lower()), choices=["auto", True, False],
+                        help="Run each prompt once for its pair or group: auto (default), true or false.")
     parser.add_argument("--pad-to-multiple", type=int, help="Pad batches to a multiple of this length (default 1).")
     parser.add_argument("--logits-chunk-size", type=int, help="Positions per chunk of the vocabulary projection (0: off).")
     parser.set_defaults(**{a.dest: None for a in parser._actions if a.dest != "help"})

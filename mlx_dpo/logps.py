@@ -109,7 +109,7 @@ def get_batched_logps(
     return (logps * mask).sum(axis=-1), mask.sum(axis=-1)
 
 
-class _Tempered(nn.Module):
+class TemperedHead(nn.Module):
     """A head whose logits are divided by the sampling temperature."""
 
     def __init__(self, head: nn.Module, temperature: float):
@@ -120,7 +120,7 @@ class _Tempered(nn.Module):
         return self.head(x).astype(mx.float32) / self.temperature
 
 
-def _entropy(logits: mx.array) -> mx.array:
+def entropy_of(logits: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
     lse = mx.logsumexp(logits, axis=-1, keepdims=True)
     return lse.squeeze(-1) - (mx.exp(logits - lse) * logits).sum(axis=-1)
@@ -150,12 +150,12 @@ def get_token_logps(
     if parts is not None and 0 < chunk_size < width:
         body, head = parts
         hidden = body(inputs)[:, start:]
-        logps = chunked_token_logps(hidden, targets, _Tempered(head, temperature), chunk_size)
+        logps = chunked_token_logps(hidden, targets, TemperedHead(head, temperature), chunk_size)
         entropy = None
         if with_entropy:
             h = mx.stop_gradient(hidden)
             entropy = mx.concatenate(
-                [_entropy(head(h[:, i : i + chunk_size]) / temperature) for i in range(0, width, chunk_size)], axis=1
+                [entropy_of(head(h[:, i : i + chunk_size]) / temperature) for i in range(0, width, chunk_size)], axis=1
             )
         return logps, entropy
     if parts is not None:
@@ -167,5 +167,5 @@ def get_token_logps(
     if temperature != 1.0:
         logits = logits / temperature
     logps = token_logps(logits, targets)
-    entropy = mx.stop_gradient(_entropy(logits)) if with_entropy else None
+    entropy = mx.stop_gradient(entropy_of(logits)) if with_entropy else None
     return logps, entropy

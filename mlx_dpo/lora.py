@@ -36,6 +36,7 @@ from .batching import iterate_batches, padding_fraction  # noqa: E402
 from .data import DATA_OPTION_KEYS, DataError, load_datasets  # noqa: E402
 from .objectives import confidence_supported, data_kind, is_online, make_loss, needs_reference  # noqa: E402
 from .logps import auto_chunk_size  # noqa: E402
+from .prefix import resolve_prefix_sharing  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
 from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, state_file_for  # noqa: E402
 from .metrics_log import MetricsLogger  # noqa: E402
@@ -179,12 +180,28 @@ def cast(model: Optional[nn.Module], dtype: Optional[mx.Dtype]) -> None:
         model.set_dtype(dtype)  # floating parameters only: quantized weights stay packed
 
 
-def with_reference_logps(args, sets: dict, reference, fingerprint_model: nn.Module, pad_id: int) -> dict:
+def prefix_sharing(args: types.SimpleNamespace, model: nn.Module, sets: dict) -> bool:
+    """Whether batches run each prompt once (``prefix_sharing``), with one info line when it is off."""
+    if data_kind(args.loss_type) == "sft" or args.prefix_sharing is False:
+        return False
+    data = sets.get("train") or sets.get("test") or []
+    if is_online(args.loss_type):
+        lengths = [len(p.ids) for p in data]
+    else:
+        lengths = [ex[0][1] for ex in data]
+    mean = float(np.mean(lengths)) if lengths else 0.0
+    on, why = resolve_prefix_sharing(args.prefix_sharing, model, mean)
+    if why:
+        rank0_print(f"[INFO] {why}")
+    return on
+
+
+def with_reference_logps(args, sets: dict, reference, fingerprint_model: nn.Module, pad_id: int, share: bool = False) -> dict:
     """Replace each preference split by one carrying cached reference log-probs."""
     fp = weights_fingerprint(fingerprint_model)
     cache_dir = Path(args.adapter_path) / "reference_cache"
     return {
-        split: cached_reference(reference, ds, cache_dir, split, fp, args.batch_size, pad_id) if ds else ds
+        split: cached_reference(reference, ds, cache_dir, split, fp, args.batch_size, pad_id, share_prefix=share) if ds else ds
         for split, ds in sets.items()
     }
 
@@ -199,7 +216,7 @@ INHERITED_KEYS = (
 )
 
 
-def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype, chunk: int = 0) -> tuple:
+def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype, chunk: int = 0, share: bool = False) -> tuple:
     """For the online losses: the rollout batch source and its loss, and the reward functions' check.
 
     The reward functions are resolved before any training (a misspelt name fails in the first
@@ -224,7 +241,7 @@ def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype
         grad_accumulation_steps=args.grad_accumulation_steps, sampling=sampling,
         reward_weights=args.reward_weights, scale_rewards=args.scale_rewards,
         mask_truncated_completions=args.mask_truncated_completions, beta=args.beta, loss_type=args.loss_type,
-        chunk_size=chunk,
+        chunk_size=chunk, share_prefix=share,
     )
     reference = None
     if args.beta > 0:
@@ -310,7 +327,6 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         raise DataError(f"no test data: {args.data} has no usable test split")
 
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    batches = partial(iterate_batches, pad_id=pad_id, pad_multiple=args.pad_to_multiple)
     online = is_online(args.loss_type)
     if args.train and len(sets["train"]) >= args.batch_size and not online:
         frac = padding_fraction(sets["train"], args.batch_size, args.pad_to_multiple)
@@ -323,6 +339,8 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         if not (adapter_path / "adapters.safetensors").is_file():
             raise ConfigError(f"no adapters to test in '{adapter_path}' (set 'adapter_path', or \"\" to test the base model)")
         load_adapters(model, str(adapter_path))
+    share = prefix_sharing(args, model, sets)
+    batches = partial(iterate_batches, pad_id=pad_id, pad_multiple=args.pad_to_multiple, share_prefix=share)
     reference = None
     if any(ds is not None and "confidence" in getattr(ds, "fields", {}) for ds in sets.values()):
         if not confidence_supported(args.loss_type):
@@ -335,11 +353,11 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         cast(reference_model, dtype)
         reference = make_reference(model, reference_model, chunk)
         if args.precompute_reference:
-            sets = with_reference_logps(args, sets, reference, reference_model or model, pad_id)
+            sets = with_reference_logps(args, sets, reference, reference_model or model, pad_id, share)
             reference = None  # every batch now carries its reference log-probs
             del reference_model  # a separate reference is no longer needed in memory
     if online:
-        batches, loss_fn = online_parts(args, model, tokenizer, dtype, chunk)
+        batches, loss_fn = online_parts(args, model, tokenizer, dtype, chunk, share)
     else:
         loss_fn = make_loss(
             args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk,

@@ -15,9 +15,9 @@ from typing import Callable, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 
-from .logps import get_batched_logps
 from .losses import PAIR_LOSSES, REFERENCE_FREE, USES_LABEL_SMOOTHING, kto_loss, nll_loss, sft_loss
 from .policy_losses import ONLINE_LOSSES
+from .prefix import sequence_logps
 from .reference import ReferenceFn
 
 LossFn = Callable[[nn.Module, dict], tuple[mx.array, dict]]
@@ -80,7 +80,7 @@ def _reference(batch: dict, reference: Optional[ReferenceFn]) -> mx.array:
     if ref is None:
         if reference is None:
             raise ValueError("this objective needs reference log-probs, but there is no reference")
-        ref = reference(batch["tokens"], batch["mask"], start=batch.get("logits_from", 0))
+        ref = reference(batch)
     return ref
 
 
@@ -111,7 +111,7 @@ def make_loss(
     if data_kind(types) == "sft":
 
         def sft(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-            logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size, batch.get("logits_from", 0))
+            logps, ntoks = sequence_logps(model, batch, chunk_size)
             # Sum the token counts once and reuse it: two identical ``ntoks.sum()``
             # in one compiled value_and_grad crash MLX 0.32 (IndexError _Map_base::at).
             total = ntoks.sum()
@@ -127,7 +127,7 @@ def make_loss(
         def kto(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
             # Rows: each example's own completion, then the same prompts with
             # mismatched completions (for the KL baseline).
-            logps, _ = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size, batch.get("logits_from", 0))
+            logps, _ = sequence_logps(model, batch, chunk_size)
             ref = _reference(batch, reference)
             b = logps.shape[0] // 2
             loss, metrics = kto_loss(logps[:b], ref[:b], batch["label"], logps[b:], ref[b:], beta=beta, **kto_args)
@@ -137,7 +137,7 @@ def make_loss(
         return kto
 
     def pairs(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-        logps, ntoks = get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size, batch.get("logits_from", 0))
+        logps, ntoks = sequence_logps(model, batch, chunk_size)
         b = logps.shape[0] // 2
         ref = _reference(batch, reference) if use_reference else None
         eps = 1.0 - batch["confidence"] if "confidence" in batch else label_smoothing

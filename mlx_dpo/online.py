@@ -24,15 +24,15 @@ import numpy as np
 
 from .batching import pad_batch
 from .data.prompts import Prompt
-from .logps import get_token_logps
 from .advantages import combine_rewards, group_advantages
 from .policy_losses import grpo_loss
+from .prefix import sequence_token_logps, shared_prefix_fields
 from .reference import adapters_disabled
 from .rewards import RewardError, score_completions
 from .rollout import Completion, SamplingParams, sample_groups
 from .trainer import BatchSourceError
 
-TokenLogpsFn = Callable[[mx.array, int], mx.array]  # (tokens, start) -> (N, L - 1 - start) log-probs
+TokenLogpsFn = Callable[[dict], mx.array]  # batch -> per-token log-probs, aligned with its response mask
 
 
 @dataclass
@@ -50,6 +50,7 @@ class OnlineArgs:
     loss_type: str = "dapo"
     chunk_size: int = 0  # positions per vocabulary projection (0: all at once); see logps.get_token_logps
     pad_multiple: int = 32  # fewer distinct widths: fewer traces of the compiled step
+    share_prefix: bool = False  # each prompt runs once for its G completions (see prefix.py)
 
 
 class RolloutError(BatchSourceError):
@@ -61,11 +62,11 @@ def token_reference(
 ) -> TokenLogpsFn:
     """Reference per-token log-probs (no gradient): the separate model, or the policy with its adapters bypassed."""
 
-    def fn(tokens: mx.array, start: int) -> mx.array:
+    def fn(batch: dict) -> mx.array:
         if reference_model is not None:
-            return mx.stop_gradient(get_token_logps(reference_model, tokens, start, temperature, chunk_size=chunk_size)[0])
+            return mx.stop_gradient(sequence_token_logps(reference_model, batch, temperature, chunk_size=chunk_size)[0])
         with adapters_disabled(model):
-            return mx.stop_gradient(get_token_logps(model, tokens, start, temperature, chunk_size=chunk_size)[0])
+            return mx.stop_gradient(sequence_token_logps(model, batch, temperature, chunk_size=chunk_size)[0])
 
     return fn
 
@@ -121,22 +122,29 @@ def make_rollout_source(
 
     def micro_batch(chunk: list[Prompt], comps: list[Completion], adv: np.ndarray, keep_old: bool) -> dict:
         rows = [(chunk[c.prompt_index].ids + list(c.token_ids), len(chunk[c.prompt_index].ids)) for c in comps]
-        batch = pad_batch([(r,) for r in rows], pad_id=tokenizer.eos_token_id or 0, pad_multiple=args.pad_multiple)
+        pad_id = tokenizer.eos_token_id or 0
+        batch = pad_batch([(r,) for r in rows], pad_id=pad_id, pad_multiple=args.pad_multiple)
+        # Rows are random prompts, not length-grouped: a coarse start bounds the compiled step's traces.
+        batch["logits_from"] = batch["logits_from"] // args.pad_multiple * args.pad_multiple
+        if args.share_prefix:  # the G completions of a prompt are consecutive and share it
+            local = {i: n for n, i in enumerate(dict.fromkeys(c.prompt_index for c in comps))}
+            shared = shared_prefix_fields(rows, [local[c.prompt_index] for c in comps], pad_id, args.pad_multiple)
+            batch.update({k: mx.array(v) for k, v in (shared or {}).items()})
         if args.mask_truncated_completions:
             keep = mx.array([1.0 if c.finished else 0.0 for c in comps])[:, None]
-            batch["mask"] = batch["mask"] * keep
+            for key in ("mask", "suffix_mask"):
+                if key in batch:
+                    batch[key] = batch[key] * keep
         batch["advantages"] = mx.array(adv.astype(np.float32))
-        # Rows are random prompts, not length-grouped: a coarse start bounds the compiled step's traces.
-        batch["logits_from"] = start = batch["logits_from"] // args.pad_multiple * args.pad_multiple
         if keep_old:  # the policy that sampled (dropout off, as when sampling), frozen for the mu steps
             training = model.training
             model.eval()
-            old = get_token_logps(model, batch["tokens"], start, temperature, chunk_size=args.chunk_size)[0]
+            old = sequence_token_logps(model, batch, temperature, chunk_size=args.chunk_size)[0]
             batch["old_logps"] = mx.stop_gradient(old)
             mx.eval(batch["old_logps"])
             model.train(training)
         if args.beta != 0.0 and reference is not None:
-            batch["ref_logps"] = reference(batch["tokens"], start)
+            batch["ref_logps"] = reference(batch)
         mx.eval({k: v for k, v in batch.items() if isinstance(v, mx.array)})
         return batch
 
@@ -245,9 +253,7 @@ def make_online_loss(args: OnlineArgs, epsilon: float, epsilon_high: Optional[fl
     temperature = args.sampling.temperature if args.sampling.temperature > 0 else 1.0
 
     def loss_fn(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-        start = batch["logits_from"]
-        logps, entropy = get_token_logps(model, batch["tokens"], start, temperature, True, args.chunk_size)
-        mask = batch["mask"][:, start:]
+        logps, entropy, mask = sequence_token_logps(model, batch, temperature, True, args.chunk_size)
         loss, metrics = grpo_loss(
             logps, batch["advantages"], mask, batch.get("old_logps"), batch.get("ref_logps"),
             beta=args.beta, epsilon=epsilon, epsilon_high=epsilon_high, loss_type=args.loss_type,

@@ -24,10 +24,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .batching import iterate_batches
 from .checkpoint import atomic_save_safetensors
 from .data import Dataset, as_dataset
-from .logps import get_batched_logps
+from .prefix import sequence_logps
 from .progress import Progress
 
-ReferenceFn = Callable[..., mx.array]  # (tokens, mask, start=0) -> summed response log-probs
+ReferenceFn = Callable[[dict], mx.array]  # batch -> summed response log-probs per row
 
 
 def _wrapped_base(module: nn.Module) -> Optional[nn.Module]:
@@ -58,7 +58,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None, chunk_size: int = 0) -> ReferenceFn:
-    """Return ``fn(tokens, mask, start=0) -> summed response log-probs`` under the reference, no gradient.
+    """Return ``fn(batch) -> summed response log-probs`` under the reference, no gradient (a
+    shared-prefix batch runs its prompts once here too).
 
     ``reference_model`` (frozen) is used when given; otherwise the policy with
     its adapters bypassed, which requires the policy to have adapters.
@@ -66,8 +67,8 @@ def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None
     if reference_model is not None:
         reference_model.freeze()
 
-        def separate(tokens: mx.array, mask: mx.array, start: int = 0) -> mx.array:
-            return mx.stop_gradient(get_batched_logps(reference_model, tokens, mask, chunk_size, start)[0])
+        def separate(batch: dict) -> mx.array:
+            return mx.stop_gradient(sequence_logps(reference_model, batch, chunk_size)[0])
 
         return separate
 
@@ -77,9 +78,9 @@ def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None
             "(full fine-tuning?): set `reference_model`."
         )
 
-    def bypass(tokens: mx.array, mask: mx.array, start: int = 0) -> mx.array:
+    def bypass(batch: dict) -> mx.array:
         with adapters_disabled(model):
-            return mx.stop_gradient(get_batched_logps(model, tokens, mask, chunk_size, start)[0])
+            return mx.stop_gradient(sequence_logps(model, batch, chunk_size)[0])
 
     return bypass
 
@@ -121,12 +122,14 @@ def compute_reference_logps(
     batch_size: int,
     pad_id: int = 0,
     progress: Optional[Callable[[int], None]] = None,
+    share_prefix: bool = False,
 ) -> np.ndarray:
     """(N, 2) reference log-probs of every example, in length-sorted batches (no example skipped)."""
     out = np.zeros((len(examples), len(examples[0]) if examples else 2), dtype=np.float32)
-    for batch in iterate_batches(examples, batch_size, pad_id=pad_id, shuffle=False, drop_last=False):
+    batches = iterate_batches(examples, batch_size, pad_id=pad_id, shuffle=False, drop_last=False, share_prefix=share_prefix)
+    for batch in batches:
         idx = np.array(batch["index"])
-        logps = np.array(reference(batch["tokens"], batch["mask"], start=batch["logits_from"]))
+        logps = np.array(reference(batch))
         out[idx] = logps.reshape(-1, len(idx)).T
         if progress is not None:
             progress(len(idx))
@@ -142,6 +145,7 @@ def cached_reference(
     batch_size: int,
     pad_id: int = 0,
     show_progress: bool = True,
+    share_prefix: bool = False,
 ) -> Dataset:
     """Load this split's reference log-probs from ``cache_dir`` or compute and save them.
 
@@ -156,7 +160,7 @@ def cached_reference(
         return as_dataset(examples).with_fields(reference_logps=np.array(mx.load(str(path))["reference_logps"]))
     rank0 = mx.distributed.init().rank() == 0
     with Progress(len(examples), f"Reference log-probs ({split})", unit="ex", enabled=show_progress and rank0) as bar:
-        values = compute_reference_logps(reference, examples, batch_size, pad_id, bar.update)
+        values = compute_reference_logps(reference, examples, batch_size, pad_id, bar.update, share_prefix)
     if rank0:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(path, {"reference_logps": mx.array(values)})

@@ -61,7 +61,7 @@ def test_reference_free_objectives_never_run_a_reference(tiny_model_path, tiny_d
     linear_to_lora_layers(model, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
     batch = next(iterate_batches(load_datasets(str(tiny_data_path), tok, "dpo", 128, splits=("train",))["train"], 4))
 
-    def no_reference(tokens, mask):
+    def no_reference(batch):
         raise AssertionError("reference pass")
 
     loss, _ = make_loss(loss_type, no_reference)(model, batch)

