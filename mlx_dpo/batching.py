@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 
 from .data import Example
-from .prefix import shared_prefix_fields
+from .prefix import shared_prefix_fields, with_shared_prefix
 
 
 def pad_batch(
@@ -23,7 +23,9 @@ def pad_batch(
     ``logits_from`` (an int) the first target position a response needs.
     With ``share_prefix`` a batch whose examples' sequences share their prompt
     also carries the shared-prefix fields (``prefix.shared_prefix_fields``):
-    each prompt then runs through the model once.
+    each prompt then runs through the model once (and the whole-sequence
+    ``tokens``, ``mask`` and ``logits_from``, which it no longer needs, are left
+    out: every input of the compiled step is a shape it is traced for).
     """
     seqs = [ex[k] for k in range(len(examples[0])) for ex in examples]
     longest = max(len(toks) for toks, _ in seqs)
@@ -40,7 +42,8 @@ def pad_batch(
     batch = {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths), "logits_from": logits_from}
     if share_prefix and len(examples[0]) > 1:
         shared = shared_prefix_fields(seqs, [r % len(examples) for r in range(len(seqs))], pad_id, pad_multiple)
-        batch.update({k: mx.array(v) for k, v in (shared or {}).items()})
+        if shared is not None:
+            batch = with_shared_prefix(batch, shared)
     return batch
 
 

@@ -180,7 +180,7 @@ def cast(model: Optional[nn.Module], dtype: Optional[mx.Dtype]) -> None:
         model.set_dtype(dtype)  # floating parameters only: quantized weights stay packed
 
 
-def prefix_sharing(args: types.SimpleNamespace, model: nn.Module, sets: dict) -> bool:
+def prefix_sharing(args: types.SimpleNamespace, model: nn.Module, sets: dict, reference_model: Optional[nn.Module] = None) -> bool:
     """Whether batches run each prompt once (``prefix_sharing``), with one info line when it is off."""
     if data_kind(args.loss_type) == "sft" or args.prefix_sharing is False:
         return False
@@ -190,7 +190,7 @@ def prefix_sharing(args: types.SimpleNamespace, model: nn.Module, sets: dict) ->
     else:
         lengths = [ex[0][1] for ex in data]
     mean = float(np.mean(lengths)) if lengths else 0.0
-    on, why = resolve_prefix_sharing(args.prefix_sharing, model, mean)
+    on, why = resolve_prefix_sharing(args.prefix_sharing, model, mean, reference_model, args.grad_checkpoint)
     if why:
         rank0_print(f"[INFO] {why}")
     return on
@@ -216,7 +216,10 @@ INHERITED_KEYS = (
 )
 
 
-def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype, chunk: int = 0, share: bool = False) -> tuple:
+def online_parts(
+    args: types.SimpleNamespace, model: nn.Module, tokenizer, reference_model: Optional[nn.Module] = None,
+    chunk: int = 0, share: bool = False,
+) -> tuple:
     """For the online losses: the rollout batch source and its loss, and the reward functions' check.
 
     The reward functions are resolved before any training (a misspelt name fails in the first
@@ -244,9 +247,7 @@ def online_parts(args: types.SimpleNamespace, model: nn.Module, tokenizer, dtype
         chunk_size=chunk, share_prefix=share,
     )
     reference = None
-    if args.beta > 0:
-        reference_model = load_reference(args, model)
-        cast(reference_model, dtype)
+    if args.beta > 0:  # ``reference_model``: the separate one, or None to bypass the adapters
         reference = token_reference(model, reference_model, sampling.temperature or 1.0, chunk)
     batches = make_rollout_source(model, tokenizer, funcs, online, reference)
     loss_fn = make_online_loss(online, args.epsilon, args.epsilon_high, args.importance_sampling_level, args.max_completion_length)
@@ -339,7 +340,9 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         if not (adapter_path / "adapters.safetensors").is_file():
             raise ConfigError(f"no adapters to test in '{adapter_path}' (set 'adapter_path', or \"\" to test the base model)")
         load_adapters(model, str(adapter_path))
-    share = prefix_sharing(args, model, sets)
+    reference_model = load_reference(args, model)
+    cast(reference_model, dtype)
+    share = prefix_sharing(args, model, sets, reference_model)
     batches = partial(iterate_batches, pad_id=pad_id, pad_multiple=args.pad_to_multiple, share_prefix=share)
     reference = None
     if any(ds is not None and "confidence" in getattr(ds, "fields", {}) for ds in sets.values()):
@@ -349,15 +352,13 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
                 f"{args.loss_type!r} does not use it (use dpo, robust, exo_pair, sigmoid_norm, simpo or cpo)"
             )
     if needs_reference(args.loss_type):
-        reference_model = load_reference(args, model)
-        cast(reference_model, dtype)
         reference = make_reference(model, reference_model, chunk)
         if args.precompute_reference:
             sets = with_reference_logps(args, sets, reference, reference_model or model, pad_id, share)
             reference = None  # every batch now carries its reference log-probs
             del reference_model  # a separate reference is no longer needed in memory
     if online:
-        batches, loss_fn = online_parts(args, model, tokenizer, dtype, chunk, share)
+        batches, loss_fn = online_parts(args, model, tokenizer, reference_model, chunk, share)
     else:
         loss_fn = make_loss(
             args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk,

@@ -26,7 +26,7 @@ from .batching import pad_batch
 from .data.prompts import Prompt
 from .advantages import combine_rewards, group_advantages
 from .policy_losses import grpo_loss
-from .prefix import sequence_token_logps, shared_prefix_fields
+from .prefix import sequence_token_logps, shared_prefix_fields, with_shared_prefix
 from .reference import adapters_disabled
 from .rewards import RewardError, score_completions
 from .rollout import Completion, SamplingParams, sample_groups
@@ -129,7 +129,8 @@ def make_rollout_source(
         if args.share_prefix:  # the G completions of a prompt are consecutive and share it
             local = {i: n for n, i in enumerate(dict.fromkeys(c.prompt_index for c in comps))}
             shared = shared_prefix_fields(rows, [local[c.prompt_index] for c in comps], pad_id, args.pad_multiple)
-            batch.update({k: mx.array(v) for k, v in (shared or {}).items()})
+            if shared is not None:
+                batch = with_shared_prefix(batch, shared)
         if args.mask_truncated_completions:
             keep = mx.array([1.0 if c.finished else 0.0 for c in comps])[:, None]
             for key in ("mask", "suffix_mask"):

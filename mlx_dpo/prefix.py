@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .logps import entropy_of, TemperedHead, chunked_token_logps, get_batched_logps, get_token_logps, split_head, token_logps
 
@@ -78,6 +79,13 @@ def shared_prefix_fields(
         "suffix_mask": mask,
         "suffix_rows": np.asarray(rows, dtype=np.int32),
     }
+
+
+def with_shared_prefix(batch: dict, fields: dict[str, np.ndarray]) -> dict:
+    """``batch`` in its shared form: the shared fields in, the whole-sequence tokens, mask and
+    ``logits_from`` out (unused, they would only add shapes the compiled step is traced for)."""
+    kept = {k: v for k, v in batch.items() if k not in ("tokens", "mask", "logits_from")}
+    return {**kept, **{k: mx.array(v) for k, v in fields.items()}}
 
 
 def is_shared(batch: dict) -> bool:
@@ -193,9 +201,10 @@ def sequence_token_logps(
 def sharing_problem(model: nn.Module) -> Optional[str]:
     """Why this model cannot share prefixes (None if it can), found by running both paths once.
 
-    Two pairs with prompts of different lengths go through the unshared and the shared forward;
-    an architecture whose attention ignores the cache's mask or offsets, or needs another kind of
-    cache (sliding-window rotation is handled; state-space layers are not), disagrees or raises.
+    Two pairs with prompts of different lengths go through the unshared and the shared forward,
+    and, where the model has trainable parameters, backward: an architecture whose attention
+    ignores the cache's mask or offsets, needs another kind of cache (sliding-window rotation is
+    handled; state-space layers are not), or stops the gradient at the cache disagrees or raises.
     """
     if not hasattr(model, "layers"):
         return "the model does not expose its layers"
@@ -207,47 +216,64 @@ def sharing_problem(model: nn.Module) -> Optional[str]:
         examples.append(tuple((prompt + rng.integers(1, min(vocab, 1000), r).tolist(), p) for r in (rc, rr)))
     from .batching import pad_batch  # batching builds shared batches with this module
 
-    plain = pad_batch(examples)
-    shared = pad_batch(examples, share_prefix=True)
+    plain, shared = pad_batch(examples), pad_batch(examples, share_prefix=True)
+    weights = mx.array(rng.normal(size=4).astype(np.float32))
+    trainable = bool(tree_flatten(model.trainable_parameters()))
+
+    def run(fn):
+        grads = nn.value_and_grad(model, lambda m: (fn(m) * weights).sum())(model)[1] if trainable else {}
+        return fn(model), grads
+
     training = model.training
     model.eval()
     try:
-        a = np.array(get_batched_logps(model, plain["tokens"], plain["mask"])[0], dtype=np.float64)
-        b = np.array(shared_logps(model, shared)[0], dtype=np.float64)
+        a, grad_a = run(lambda m: get_batched_logps(m, plain["tokens"], plain["mask"])[0])
+        b, grad_b = run(lambda m: shared_logps(m, shared)[0])
+        mx.eval(a, b, grad_a, grad_b)
     except Exception as e:  # noqa: BLE001 - any failure means: not supported
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(": ")
     finally:
         model.train(training)
-    ntoks = np.array(plain["mask"].sum(axis=-1), dtype=np.float64)
-    per_token = 1e-3 if model_dtype(model) == mx.float32 else 0.05
-    if not (np.all(np.isfinite(b)) and np.all(np.abs(a - b) <= per_token * ntoks + 1e-4)):
+    a, b = np.array(a, dtype=np.float64), np.array(b, dtype=np.float64)
+    tol = 1e-3 if model_dtype(model) == mx.float32 else 0.05
+    if not (np.all(np.isfinite(b)) and np.all(np.abs(a - b) <= tol * (1 + np.abs(a)))):
         return f"the shared forward differs from the plain one (largest gap {np.max(np.abs(a - b)):.3g} nats)"
+    for (name, ga), (_, gb) in zip(tree_flatten(grad_a), tree_flatten(grad_b)):
+        ga, gb = np.array(ga.astype(mx.float32), dtype=np.float64), np.array(gb.astype(mx.float32), dtype=np.float64)
+        if not np.all(np.abs(ga - gb) <= tol * (1e-2 + np.abs(ga).max())):
+            return f"the shared backward differs from the plain one (gradient of {name})"
     return None
 
 
 def model_dtype(model: nn.Module) -> mx.Dtype:
     """The dtype of the model's first floating-point parameter."""
-    from mlx.utils import tree_flatten
-
     for _, p in tree_flatten(model.parameters()):
         if mx.issubdtype(p.dtype, mx.floating):
             return p.dtype
     return mx.float32
 
 
-def resolve_prefix_sharing(setting, model: nn.Module, mean_prompt_tokens: float) -> tuple[bool, Optional[str]]:
+def resolve_prefix_sharing(
+    setting, model: nn.Module, mean_prompt_tokens: float, reference_model: Optional[nn.Module] = None,
+    grad_checkpoint: bool = False,
+) -> tuple[bool, Optional[str]]:
     """``prefix_sharing`` (auto / true / false) for this model and data: (on, an info line or None).
 
-    ``auto`` shares where the architecture passes ``sharing_problem`` and the prompts are long
-    enough to pay for the second pass (``AUTO_MIN_PROMPT_TOKENS``); ``true`` shares wherever the
-    architecture allows it. Either falls back with one line saying why.
+    ``auto`` shares where the policy (and a separate reference model) pass ``sharing_problem``
+    and the prompts are long enough to pay for the second pass (``AUTO_MIN_PROMPT_TOKENS``);
+    ``true`` shares wherever the architecture allows it. Gradient checkpointing rules it out:
+    ``mx.checkpoint`` differentiates a layer only through its explicit inputs, so the cached
+    keys and values would reach the continuation as constants. Falls back with one line.
     """
     if setting is False or setting == "false":
         return False, None
-    problem = sharing_problem(model)
-    if problem is not None:
-        kind = getattr(model, "model_type", "this model")
-        return False, f"prefix sharing off: not supported for {kind} ({problem}); prompts run once per sequence"
+    if grad_checkpoint:
+        return False, "prefix sharing off: grad_checkpoint would stop the gradient at the prompt's cache; prompts run once per sequence"
+    for what, m in (("", model), (" reference model", reference_model)):
+        problem = sharing_problem(m) if m is not None else None
+        if problem is not None:
+            kind = getattr(m, "model_type", "this model")
+            return False, f"prefix sharing off: not supported for{what} {kind} ({problem}); prompts run once per sequence"
     if setting == "auto" and mean_prompt_tokens < AUTO_MIN_PROMPT_TOKENS:
         return False, (
             f"prefix sharing off: prompts average {mean_prompt_tokens:.1f} tokens (auto shares from "

@@ -252,7 +252,7 @@ def test_grpo_groups_share_their_prompt_with_equal_loss_and_gradients(tiny_model
         source = make_rollout_source(model, tok, [("r", reward)], args, token_reference(model, ref, 1.0))
         batch = next(source(prompts, 4, loop=True, seed=3))
         assert is_shared(batch) == share
-        assert 0 < float(batch["mask"].sum()) and "old_logps" in batch and "ref_logps" in batch
+        assert 0 < float(batch["suffix_mask" if share else "mask"].sum()) and "old_logps" in batch and "ref_logps" in batch
         # Move the policy off the sampling policy so the ratios and the clip are not trivial.
         for _, m in model.named_modules():
             if "lora_a" in m:
@@ -262,10 +262,11 @@ def test_grpo_groups_share_their_prompt_with_equal_loss_and_gradients(tiny_model
         loss_fn = make_online_loss(args, 0.2, None, "token", 7)
         losses.append(loss_metrics_grad(loss_fn, model, batch))
     (la, ma, ga), (lb, mb, gb) = losses
-    # Masking truncated completions masks the shared rows too (here: every row, none hit EOS in 7 tokens).
+    # Masking truncated completions masks the shared rows too (here: every row, none hit EOS in 7 tokens;
+    # test_grpo_training checks which rows the plain path masks).
     args.mask_truncated_completions = True
     batch = next(make_rollout_source(model, tok, [("r", reward)], args)(prompts, 4, loop=True, seed=3))
-    assert float(batch["suffix_mask"].sum()) == float(batch["mask"].sum()) < float(batch["lengths"].sum()) - 10
+    assert float(batch["suffix_mask"].sum()) == 0.0 and "mask" not in batch
     np.testing.assert_allclose(la.item(), lb.item(), rtol=1e-5, atol=1e-6)
     for k in ma:
         if not k.startswith("time/"):  # wall times differ
@@ -293,9 +294,69 @@ def test_architectures_that_cannot_share_fall_back_with_one_line(tiny_model_path
     assert not on and why.startswith("prefix sharing off: not supported for llama") and "\n" not in why
 
 
-def test_training_with_and_without_sharing_gives_the_same_run(tiny_model_path, data_dir, tmp_path, capsys):
+def test_the_check_catches_a_stopped_gradient_a_crash_a_bad_reference_and_grad_checkpoint(tiny_model_path, monkeypatch):
+    model = adapted_model(tiny_model_path, "lora")
+    # mx.checkpoint differentiates a layer through its explicit inputs only: the cache would be a constant.
+    on, why = resolve_prefix_sharing("auto", model, 40.0, grad_checkpoint=True)
+    assert not on and "grad_checkpoint" in why
+    # A reference model that cannot share (here: no layers to give caches to) turns sharing off too.
+    on, why = resolve_prefix_sharing("auto", model, 40.0, reference_model=nn.Linear(2, 2))
+    assert not on and "reference model" in why and "layers" in why
+    assert resolve_prefix_sharing("auto", model, 40.0, reference_model=load(str(tiny_model_path))[0]) == (True, None)
+    branch = PrefixCache.branch
+
+    def detached(self, rows, lengths):  # right values, no gradient into the prompt
+        branch(self, rows, lengths)
+        self.keys, self.values = mx.stop_gradient(self.keys), mx.stop_gradient(self.values)
+
+    with monkeypatch.context() as m:
+        m.setattr(PrefixCache, "branch", detached)
+        assert "backward differs" in sharing_problem(model)
+        frozen = load(str(tiny_model_path))[0]
+        frozen.freeze()
+        assert sharing_problem(frozen) is None  # nothing to train: only the values are compared
+
+    def broken(self, keys, values):
+        raise TypeError("unsupported cache\nsecond line")
+
+    monkeypatch.setattr(PrefixCache, "update_and_fetch", broken)
+    assert sharing_problem(model) == "TypeError: unsupported cache"
+
+
+def test_chunked_projection_temperature_and_entropy_match(tiny_model_path, data_dir):
+    """The chunked vocabulary projection and GRPO's tempered per-token log-probs and entropies."""
+    from mlx_dpo.logps import get_token_logps
+    from mlx_dpo.prefix import shared_logps, shared_token_logps
+
+    data = examples(tiny_model_path, data_dir)
+    model = adapted_model(tiny_model_path, "lora")
+    group = [data[i] for i in (0, 5, 9)]
+    plain, shared = pad_batch(group), pad_batch(group, share_prefix=True)
+    w = mx.array(np.linspace(-1, 1, 6).astype(np.float32))
+    for chunk in (0, 8):
+        f = lambda m: get_batched_logps(m, plain["tokens"], plain["mask"], chunk)[0]  # noqa: E731
+        g = lambda m: shared_logps(m, shared, chunk)[0]  # noqa: E731
+        np.testing.assert_allclose(np.array(f(model)), np.array(g(model)), rtol=1e-5, atol=1e-4)
+        assert_trees_close(nn.value_and_grad(model, lambda m: (f(m) * w).sum())(model)[1],
+                           nn.value_and_grad(model, lambda m: (g(m) * w).sum())(model)[1])
+        # Per token: gather the plain path's response positions into the shared layout.
+        lp, ent = get_token_logps(model, plain["tokens"], 0, 0.7, True, chunk)
+        sp, sent = shared_token_logps(model, shared, 0.7, True, chunk)
+        mask = np.array(plain["mask"]) > 0
+        smask = np.array(shared["suffix_mask"]) > 0
+        for r in range(mask.shape[0]):
+            np.testing.assert_allclose(np.array(lp)[r][mask[r]], np.array(sp)[r][smask[r]], rtol=1e-5, atol=1e-4)
+            np.testing.assert_allclose(np.array(ent)[r][mask[r]], np.array(sent)[r][smask[r]], rtol=1e-5, atol=1e-4)
+
+
+def test_training_with_and_without_sharing_gives_the_same_run(tiny_model_path, data_dir, tmp_path, capsys, monkeypatch):
     """The CLI path (compiled step, precomputed reference, validation): the same logged losses (SGD:
     Adam would turn float32-level gradient differences into lr-sized steps on near-zero components)."""
+    import mlx_dpo.prefix as prefix
+
+    calls = []
+    traced = prefix.shared_logps
+    monkeypatch.setattr(prefix, "shared_logps", lambda *a, **k: calls.append(1) or traced(*a, **k))
     runs = {}
     for setting in ("false", "true"):
         out = tmp_path / setting
@@ -304,7 +365,9 @@ def test_training_with_and_without_sharing_gives_the_same_run(tiny_model_path, d
                             "--steps-per-eval", "4", "--val-batches", "2", "--max-seq-length", "160",
                             "--prefix-sharing", setting, "--precompute-reference", "--optimizer", "sgd", "--learning-rate", "0.05",
                             "--num-layers", "-1"])
+        calls.clear()
         run(args)
+        assert bool(calls) == (setting == "true")  # the shared path ran (traced once per shape when compiled)
         runs[setting] = [(r["split"], r["step"], r.get("loss", r.get("eval_loss"))) for r in read_metrics(out)]
     assert len(runs["true"]) == len(runs["false"]) >= 5
     assert abs(runs["true"][-1][2] - np.log(2)) > 1e-3  # it trained
