@@ -19,7 +19,8 @@ compare. The benchmark also measures this machine's float32 GEMM peak (the BLAS
 in use, square matmuls) and reports each configuration's executed model FLOP/s
 as a share of it: 4 x matmul parameters x tokens run for the policy's forward
 and backward (LoRA: no weight gradients of the base), 2 x for a reference
-forward; tokens run are what the model actually processes (a shared prompt once). The model defaults to a random
+forward; tokens run are what the model actually processes (a shared prompt once),
+and the vocabulary projection counts on response tokens only (a lower bound). The model defaults to a random
 ~58M-parameter Llama (8 layers, hidden 512, 32k vocabulary) in float32, with
 LoRA rank 8 on every linear layer.
 
@@ -176,16 +177,20 @@ def worker(args: argparse.Namespace) -> dict:
     step = statistics.median(timed)
     from mlx.utils import tree_flatten
 
-    matmul_params = sum(m.weight.size for _, m in model.named_modules() if type(m).__name__ in ("Linear", "QuantizedLinear"))
-    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
-        matmul_params += model.model.embed_tokens.weight.size  # the tied head is a matmul too
-    passes = 4 + (2 if cfg == "dpo" or cfg == "dpo-shared" else 0)  # policy fwd+bwd, reference fwd
+    # Matmul parameters of the body (every linear layer but the head; LoRA's own are negligible)
+    # and of the vocabulary projection, which runs on response positions only (the prompt's
+    # logits are skipped, and SFT's loss ignores them too), so the count is a lower bound.
+    linears = {n: m for n, m in model.named_modules() if type(m).__name__ in ("Linear", "QuantizedLinear")}
+    head_params = linears.pop("lm_head").weight.size if "lm_head" in linears else model.model.embed_tokens.weight.size
+    body_params = sum(m.weight.size for m in linears.values())
+    responses = statistics.mean(sum(len(t) - st for ex in g for t, st in ex) for g in groups)
+    passes = 4 + (2 if cfg in ("dpo", "dpo-shared") else 0)  # policy forward + backward, reference forward
     return {
         "config": cfg,
         "shape": args.shape,
         "mean_prompt": statistics.mean(ex[0][1] for g in groups for ex in g),
         "mean_response": statistics.mean(len(t) - st for g in groups for ex in g for t, st in ex),
-        "model_gflops": passes * matmul_params * statistics.mean(run_per_batch) / step / 1e9,
+        "model_gflops": passes * (body_params * statistics.mean(run_per_batch) + head_params * responses) / step / 1e9,
         "blas": _blas.status[0],
         "step_s": step,
         "tokens_per_s": statistics.mean(tokens_per_batch) / step,
