@@ -15,6 +15,7 @@ forward and backward as the step runs them. The remainder is what the parts do n
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import tempfile
@@ -47,6 +48,16 @@ def median_time(fn, repeats: int) -> float:
         mx.eval(fn())
         runs.append(time.perf_counter() - tic)
     return statistics.median(runs)
+
+
+def cores_busy(fn, repeats: int) -> tuple[float, float]:
+    """(median seconds, CPU seconds per wall second) of ``fn``: 1.0 means one core did the work."""
+    mx.eval(fn())
+    r0, tic = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(fn())
+    wall, r1 = time.perf_counter() - tic, resource.getrusage(resource.RUSAGE_SELF)
+    return wall / repeats, ((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)) / wall
 
 
 def main() -> None:
@@ -176,6 +187,20 @@ def main() -> None:
     rest = total - sum(parts.values())
     print(f"| rest (optimizer, LoRA matmuls, copies, scheduling) | {rest:.3f} | {rest / total:.0%} |")
     print(f"| **whole compiled step** | {total:.3f} | 100% |")
+
+    # The log-softmax's element-wise work, on logits of the step's vocabulary-projection shape.
+    rows, pos = head_rows
+    x = mx.random.normal((rows * pos, cfg.vocab_size))
+    a, b = mx.random.normal((2048, 2048)), mx.random.normal((2048, 2048))
+    mx.eval(x, a, b)
+    print(f"\nOp rates on ({rows * pos}, {cfg.vocab_size}) float32 logits (cores busy: CPU seconds per wall second)\n")
+    print("| op | ms | elements/s | cores busy |")
+    print("|---|---|---|---|")
+    for name, fn, size in (("exp", lambda: mx.exp(x), x.size), ("logsumexp (last axis)", lambda: mx.logsumexp(x, axis=-1), x.size),
+                           ("softmax (last axis)", lambda: mx.softmax(x, axis=-1), x.size), ("sum (last axis)", lambda: x.sum(-1), x.size),
+                           ("matmul 2048^3 (for comparison)", lambda: a @ b, a.size)):
+        t, busy = cores_busy(fn, args.repeats)
+        print(f"| {name} | {t * 1e3:.1f} | {size / t / 1e6:.0f} M | {busy:.2f} |")
 
 
 if __name__ == "__main__":
