@@ -10,6 +10,9 @@ forward and backward as the step runs them. The remainder is what the parts do n
 
     python benchmarks/profile_step.py                       # the default bench_dpo model and shape
     python benchmarks/profile_step.py --shape prompt-heavy --shared
+
+A second table gives the rates of the log-softmax's element-wise ops on the step's logits, and
+how many cores each keeps busy (CPU seconds per wall second).
 """
 
 from __future__ import annotations
