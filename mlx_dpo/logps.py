@@ -150,22 +150,35 @@ def get_token_logps(
     if parts is not None and 0 < chunk_size < width:
         body, head = parts
         hidden = body(inputs)[:, start:]
-        logps = chunked_token_logps(hidden, targets, TemperedHead(head, temperature), chunk_size)
-        entropy = None
-        if with_entropy:
-            h = mx.stop_gradient(hidden)
-            entropy = mx.concatenate(
-                [entropy_of(head(h[:, i : i + chunk_size]) / temperature) for i in range(0, width, chunk_size)], axis=1
-            )
-        return logps, entropy
+        return tempered_logps_chunked(hidden, targets, head, temperature, with_entropy, chunk_size)
     if parts is not None:
         body, head = parts
         logits = head(body(inputs)[:, start:])
     else:
         logits = model(inputs)[:, start:]
+    return tempered_logps(logits, targets, temperature, with_entropy)
+
+
+def tempered_logps(
+    logits: mx.array, targets: mx.array, temperature: float, with_entropy: bool
+) -> tuple[mx.array, Optional[mx.array]]:
+    """Per-token log-probs of ``targets`` under ``logits / temperature``, and (no gradient) the entropies."""
     logits = logits.astype(mx.float32)
     if temperature != 1.0:
         logits = logits / temperature
-    logps = token_logps(logits, targets)
     entropy = mx.stop_gradient(entropy_of(logits)) if with_entropy else None
+    return token_logps(logits, targets), entropy
+
+
+def tempered_logps_chunked(
+    hidden: mx.array, targets: mx.array, head: nn.Module, temperature: float, with_entropy: bool, chunk_size: int
+) -> tuple[mx.array, Optional[mx.array]]:
+    """``tempered_logps(head(hidden), ...)``, projecting ``chunk_size`` positions at a time."""
+    logps = chunked_token_logps(hidden, targets, TemperedHead(head, temperature), chunk_size)
+    entropy = None
+    if with_entropy:
+        h = mx.stop_gradient(hidden)
+        entropy = mx.concatenate(
+            [entropy_of(head(h[:, i : i + chunk_size]) / temperature) for i in range(0, h.shape[1], chunk_size)], axis=1
+        )
     return logps, entropy

@@ -26,7 +26,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .logps import entropy_of, TemperedHead, chunked_token_logps, get_batched_logps, get_token_logps, split_head, token_logps
+from .logps import (
+    chunked_token_logps, get_batched_logps, get_token_logps, split_head, tempered_logps, tempered_logps_chunked, token_logps,
+)
 
 SHARED_KEYS = ("prefix_tokens", "prefix_lengths", "suffix_tokens", "suffix_targets", "suffix_mask", "suffix_rows")
 MIN_PROMPT = 2  # a continuation starts at the last prompt token, so the cached part needs >= 1 token
@@ -163,20 +165,8 @@ def shared_token_logps(
     width = targets.shape[1]
     parts = split_head(model) if 0 < chunk_size < width else None
     if parts is not None:
-        hidden, head = _suffix_states(model, batch, True), parts[1]
-        logps = chunked_token_logps(hidden, targets, TemperedHead(head, temperature), chunk_size)
-        entropy = None
-        if with_entropy:
-            h = mx.stop_gradient(hidden)
-            entropy = mx.concatenate(
-                [entropy_of(head(h[:, i : i + chunk_size]) / temperature) for i in range(0, width, chunk_size)], axis=1
-            )
-        return logps, entropy
-    logits = _suffix_states(model, batch, False).astype(mx.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    entropy = mx.stop_gradient(entropy_of(logits)) if with_entropy else None
-    return token_logps(logits, targets), entropy
+        return tempered_logps_chunked(_suffix_states(model, batch, True), targets, parts[1], temperature, with_entropy, chunk_size)
+    return tempered_logps(_suffix_states(model, batch, False), targets, temperature, with_entropy)
 
 
 def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 0) -> tuple[mx.array, mx.array]:
