@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
 
 from .data import Example
+from .data.core import Spans
 from .prefix import shared_prefix_fields, with_shared_prefix
+
+
+def spans(start: Union[int, Spans], length: int) -> Spans:
+    """The trained token spans of a sequence: from its response offset to the end, or as given."""
+    return tuple(start) if isinstance(start, (tuple, list)) else ((int(start), length),)
 
 
 def pad_batch(
@@ -20,7 +26,8 @@ def pad_batch(
     forward pass covers both and the halves split cleanly. ``mask[r, j]`` is 1
     where target ``tokens[r, j+1]`` is a response token; padding (whatever its
     id) is never counted. ``lengths`` holds each row's real token count and
-    ``logits_from`` (an int) the first target position a response needs.
+    ``logits_from`` (an int) the first target position a response needs. A
+    sequence given as spans (``data.core.Spans``) is masked on those only.
     With ``share_prefix`` a batch whose examples' sequences share their prompt
     also carries the shared-prefix fields (``prefix.shared_prefix_fields``):
     each prompt then runs through the model once (and the whole-sequence
@@ -34,11 +41,12 @@ def pad_batch(
     mask = np.zeros((len(seqs), width - 1), dtype=np.float32)
     for r, (toks, start) in enumerate(seqs):
         tokens[r, : len(toks)] = toks
-        mask[r, max(start, 1) - 1 : len(toks) - 1] = 1.0
+        for a, b in spans(start, len(toks)):
+            mask[r, max(a, 1) - 1 : b - 1] = 1.0
     lengths = np.array([len(toks) for toks, _ in seqs], dtype=np.int32)
     # First target position any row's response needs, rounded down to a multiple of 8 so
     # that a compiled step sees few distinct values (each one is traced once).
-    logits_from = (min(max(start, 1) for _, start in seqs) - 1) // 8 * 8
+    logits_from = (min(max(spans(start, len(toks))[0][0], 1) for toks, start in seqs) - 1) // 8 * 8
     batch = {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths), "logits_from": logits_from}
     if share_prefix and len(examples[0]) > 1:
         shared = shared_prefix_fields(seqs, [r % len(examples) for r in range(len(seqs))], pad_id, pad_multiple)

@@ -19,7 +19,7 @@ from mlx_lm.lora import build_parser as mlx_lm_parser
 from mlx_lm.lora import yaml_loader  # SafeLoader that also reads 1e-5 as a float
 
 from .data import DATA_FORMATS, DATA_OPTION_KEYS  # noqa: E402
-from .objectives import LOSS_TYPES, check_combination, is_online  # noqa: E402
+from .objectives import LOSS_TYPES, check_combination, data_kind, is_online  # noqa: E402
 from .policy_losses import IMPORTANCE_LEVELS, SCALE_REWARDS  # noqa: E402
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -46,6 +46,10 @@ DEFAULTS: dict[str, Any] = {
     "cpo_alpha": 1.0,
     "desirable_weight": 1.0,
     "undesirable_weight": 1.0,
+    # Your own penalty terms (loss_terms.py) and Chain of Hindsight's phrases.
+    "loss_terms": None,
+    "coh_positive": "A helpful answer: ",
+    "coh_negative": " An unhelpful answer: ",
     # Data layouts.
     "data_format": "auto",
     **{k: None for k in DATA_OPTION_KEYS},
@@ -149,6 +153,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cpo_alpha": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "desirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "undesirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "loss_terms": (_opt(lambda v: isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("fn"), str) and t["fn"] for t in v)),
+                   "a list of {fn: module.function, weight: number, ...keyword arguments}"),
+    "coh_positive": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty phrase"),
+    "coh_negative": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty phrase"),
     "data_format": (lambda v: v in DATA_FORMATS, "one of " + ", ".join(DATA_FORMATS)),
     "beta": (lambda v: _is_num(v) and v >= 0, "a number > 0 (>= 0 for the online losses)"),
     "rl": (_opt(lambda v: v in RL_ALIASES), "one of " + ", ".join(RL_ALIASES) + " (axolotl's name for the method)"),
@@ -211,6 +219,10 @@ def validate(cfg: dict[str, Any]) -> None:
         except ValueError as e:
             raise ConfigError(f"invalid value for 'loss_type': {e}") from None
     _check_online(cfg)
+    if cfg.get("loss_terms"):
+        loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
+        if data_kind(loss_type) != "pairs":
+            raise ConfigError(f"'loss_terms' work with the paired objectives (dpo, ipo, simpo, ...), not loss_type {loss_type!r}")
     save_every, accumulate = cfg.get("save_every"), cfg.get("grad_accumulation_steps")
     if _is_int(save_every) and _is_int(accumulate) and accumulate > 0 and save_every % accumulate:
         raise ConfigError(

@@ -2,12 +2,16 @@
 
 The prompt goes through the tokenizer's chat template, as training on
 conversational data does; ``--ignore-chat-template`` feeds it as raw text, as
-training on plain-string prompts does.
+training on plain-string prompts does. ``--coh`` asks a Chain of Hindsight
+adapter for its positive answer: the prompt ends with the positive phrase it was
+trained with, and the answer ends where the negative phrase would begin.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Optional
 
 from . import _blas  # noqa: F401  (BLAS preload before mlx)
@@ -30,7 +34,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling threshold.")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed.")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow custom code from the model repo.")
+    p.add_argument("--coh", action="store_true", help="Chain of Hindsight: end the prompt with the positive phrase, stop at the negative one.")
+    p.add_argument("--coh-positive", default=None, help="The positive phrase (default: the adapter's coh_positive, else 'A helpful answer: ').")
+    p.add_argument("--coh-negative", default=None, help="The negative phrase (default: the adapter's coh_negative, else ' An unhelpful answer: ').")
     return p
+
+
+def coh_phrases(adapter_path: Optional[str], positive: Optional[str] = None, negative: Optional[str] = None) -> tuple[str, str]:
+    """The hindsight phrases: as given, else as the adapter was trained with, else the defaults."""
+    from .data import COH_NEGATIVE, COH_POSITIVE
+
+    saved = {}
+    config = Path(adapter_path) / "adapter_config.json" if adapter_path else None
+    if config is not None and config.is_file():
+        saved = json.loads(config.read_text())
+    return (
+        positive if positive is not None else saved.get("coh_positive", COH_POSITIVE),
+        negative if negative is not None else saved.get("coh_negative", COH_NEGATIVE),
+    )
+
+
+def cut_at_phrase(text: str, phrase: str) -> str:
+    """The answer before the first ``phrase`` (a hindsight chain's next feedback phrase)."""
+    at = text.find(phrase.strip())
+    return (text[:at] if at >= 0 else text).rstrip()
 
 
 def format_prompt(tokenizer, prompt: str, system_prompt: Optional[str] = None, use_chat_template: bool = True) -> list[int]:
@@ -55,7 +82,13 @@ def main(argv: Optional[list[str]] = None) -> str:
     )
     prompt = format_prompt(tokenizer, args.prompt, args.system_prompt, not args.ignore_chat_template)
     sampler = make_sampler(temp=args.temp, top_p=args.top_p if args.top_p < 1.0 else 0.0)
-    return mlx_lm_generate(model, tokenizer, prompt, verbose=True, max_tokens=args.max_tokens, sampler=sampler)
+    if not args.coh:
+        return mlx_lm_generate(model, tokenizer, prompt, verbose=True, max_tokens=args.max_tokens, sampler=sampler)
+    positive, negative = coh_phrases(args.adapter_path, args.coh_positive, args.coh_negative)
+    prompt = list(prompt) + tokenizer.encode(positive, add_special_tokens=False)  # as training joined them
+    text = cut_at_phrase(mlx_lm_generate(model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler), negative)
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

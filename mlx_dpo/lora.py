@@ -36,6 +36,7 @@ from .batching import iterate_batches, padding_fraction  # noqa: E402
 from .data import DATA_OPTION_KEYS, DataError, load_datasets  # noqa: E402
 from .objectives import confidence_supported, data_kind, is_online, make_loss, needs_reference  # noqa: E402
 from .logps import auto_chunk_size  # noqa: E402
+from .loss_terms import LossTermError  # noqa: E402
 from .prefix import resolve_prefix_sharing  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
 from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, state_file_for  # noqa: E402
@@ -182,7 +183,7 @@ def cast(model: Optional[nn.Module], dtype: Optional[mx.Dtype]) -> None:
 
 def prefix_sharing(args: types.SimpleNamespace, model: nn.Module, sets: dict, reference_model: Optional[nn.Module] = None) -> bool:
     """Whether batches run each prompt once (``prefix_sharing``), with one info line when it is off."""
-    if data_kind(args.loss_type) == "sft" or args.prefix_sharing is False:
+    if data_kind(args.loss_type) in ("sft", "coh") or args.prefix_sharing is False:
         return False
     data = sets.get("train") or sets.get("test") or []
     if is_online(args.loss_type):
@@ -210,7 +211,7 @@ def with_reference_logps(args, sets: dict, reference, fingerprint_model: nn.Modu
 INHERITED_KEYS = (
     "loss_type", "loss_weights", "fine_tune_type", "beta", "label_smoothing", "reference_model",
     "gamma", "tau", "cpo_alpha", "desirable_weight", "undesirable_weight",
-    "reward_funcs", "reward_weights", "num_generations", "scale_rewards", "epsilon", "epsilon_high",
+    "loss_terms", "coh_positive", "coh_negative", "reward_funcs", "reward_weights", "num_generations", "scale_rewards", "epsilon", "epsilon_high",
     "importance_sampling_level", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
     "mask_truncated_completions", "overlong_buffer",
 )
@@ -254,12 +255,29 @@ def online_parts(
     return batches, loss_fn
 
 
+def find_loss_terms(args: types.SimpleNamespace) -> list:
+    """The configured loss terms, found before anything loads (a misspelt name fails in the first
+    second). Module files are looked up beside the config file (for ``--test`` alone, beside the
+    one the adapter was trained with), then in the working directory."""
+    if not args.loss_terms:
+        return []
+    from .loss_terms import load_loss_terms
+
+    configs = [args.config, getattr(args, "_trained_config", None)]
+    dirs = [Path(c).resolve().parent for c in configs if c] + [Path.cwd()]
+    try:
+        return load_loss_terms(args.loss_terms, dirs)
+    except LossTermError as e:
+        raise ConfigError(str(e)) from None
+
+
 def inherit_training_settings(args: types.SimpleNamespace) -> None:
     """For ``--test`` alone: take the objective and reference from adapter_config.json."""
     path = Path(args.adapter_path) / "adapter_config.json"
     if not args.adapter_path or not path.is_file():
         return
     saved = json.loads(path.read_text())
+    args._trained_config = saved.get("config")  # its folder holds the loss terms' modules
     explicit = getattr(args, "_explicit", set())
     for key in INHERITED_KEYS:
         if key in saved and key not in explicit and saved[key] != getattr(args, key):
@@ -285,10 +303,11 @@ def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict
         from .data import load_prompt_splits
 
         return load_prompt_splits(args.data, tokenizer, args.max_prompt_length, splits=splits, hub_splits=hub_splits or None)
-    kind = {"sft": "sft", "kto": "kto", "pairs": "dpo"}[data_kind(args.loss_type)]
+    kind = {"sft": "sft", "kto": "kto", "pairs": "dpo", "coh": "coh"}[data_kind(args.loss_type)]
     return load_datasets(
         args.data, tokenizer, kind, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits,
-        data_format=args.data_format, options=options, hub_splits=hub_splits or None, **features,
+        data_format=args.data_format, options=options, hub_splits=hub_splits or None,
+        columns=bool(args.loss_terms), coh_phrases=(args.coh_positive, args.coh_negative), **features,
     )
 
 
@@ -305,6 +324,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         raise ConfigError("invalid value for 'adapter_path': '' (training needs a folder to write to)")
     if not args.train:
         inherit_training_settings(args)
+    terms = find_loss_terms(args)
 
     rank0_print(f"Loading pretrained model {args.model}")
     model, tokenizer, model_config = load_model(args.model, args, return_config=True)
@@ -356,14 +376,21 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         if args.precompute_reference:
             sets = with_reference_logps(args, sets, reference, reference_model or model, pad_id, share)
             reference = None  # every batch now carries its reference log-probs
-            del reference_model  # a separate reference is no longer needed in memory
+            if not args.loss_terms:  # a loss term may still ask for per-token reference log-probs
+                reference_model = None  # a separate reference is no longer needed in memory
     if online:
         batches, loss_fn = online_parts(args, model, tokenizer, reference_model, chunk, share)
     else:
+        token_ref = None
+        if terms and needs_reference(args.loss_type):  # the per-token reference a term may read
+            from .online import token_reference
+
+            token_ref = token_reference(model, reference_model, 1.0, chunk)
         loss_fn = make_loss(
             args.loss_type, reference, beta=args.beta, label_smoothing=args.label_smoothing, chunk_size=chunk,
             loss_weights=args.loss_weights, gamma=args.gamma, tau=args.tau, alpha=args.cpo_alpha,
             desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight,
+            loss_terms=terms, token_reference=token_ref,
         )
 
     if args.train:
@@ -407,7 +434,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
         return {}
     metrics = evaluate(model, loss_fn, sets["test"], args.batch_size, args.test_batches, batches, "Testing")
     metrics = {k: v for k, v in metrics.items() if k not in ("weight",)}
-    if data_kind(args.loss_type) == "sft":
+    if data_kind(args.loss_type) in ("sft", "coh"):
         metrics["ppl"] = math.exp(metrics["loss"])
     kind = data_kind(args.loss_type)
     metrics[{"pairs": "num_pairs", "prompts": "num_completions"}.get(kind, "num_examples")] = int(metrics.pop("count"))
@@ -453,6 +480,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except NonFiniteError as e:
         print(f"mlx_dpo.lora: error: {one_line(e)}", file=sys.stderr)
         sys.exit(3)
+    except LossTermError as e:
+        print(f"mlx_dpo.lora: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

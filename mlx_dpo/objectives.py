@@ -17,7 +17,8 @@ import mlx.nn as nn
 
 from .losses import PAIR_LOSSES, REFERENCE_FREE, USES_LABEL_SMOOTHING, kto_loss, nll_loss, sft_loss
 from .policy_losses import ONLINE_LOSSES
-from .prefix import sequence_logps
+from .loss_terms import LossTerm, TokenReferenceFn, term_inputs
+from .prefix import sequence_logps, sequence_token_logps
 from .reference import ReferenceFn
 
 LossFn = Callable[[nn.Module, dict], tuple[mx.array, dict]]
@@ -28,7 +29,7 @@ SUMMED = ("weight", "count", "ntoks")
 def is_summed(key: str) -> bool:
     """Bookkeeping metrics (and per-kind counts like ``count/desirable``) add up over batches."""
     return key in SUMMED or key.startswith(("count/", "time/"))
-LOSS_TYPES = ("sft", "kto", *PAIR_LOSSES, *ONLINE_LOSSES)
+LOSS_TYPES = ("sft", "coh", "kto", *PAIR_LOSSES, *ONLINE_LOSSES)
 
 
 def loss_list(loss_type: Union[str, Sequence[str]]) -> list[str]:
@@ -43,16 +44,17 @@ def is_online(loss_type: Union[str, Sequence[str]]) -> bool:
 def needs_reference(loss_type: Union[str, Sequence[str]]) -> bool:
     """Whether any component compares with a sequence-level reference (SFT, SimPO/ORPO/CPO and
     the online losses do not: GRPO's per-token reference depends on ``beta``)."""
-    return any(t not in REFERENCE_FREE and t != "sft" and t not in ONLINE_LOSSES for t in loss_list(loss_type))
+    return any(t not in REFERENCE_FREE and t not in ("sft", "coh") and t not in ONLINE_LOSSES for t in loss_list(loss_type))
 
 
 def data_kind(loss_type: Union[str, Sequence[str]]) -> str:
-    """What the data must look like: ``sft`` records, ``kto`` unpaired examples, ``pairs``, or ``prompts``."""
+    """What the data must look like: ``sft`` records, ``kto`` unpaired examples, ``pairs``, ``coh``
+    (pairs read as Chain of Hindsight sequences), or ``prompts``."""
     types = loss_list(loss_type)
     if is_online(types):
         return "prompts"
-    if types == ["sft"]:
-        return "sft"
+    if types in (["sft"], ["coh"]):
+        return types[0]
     return "kto" if "kto" in types else "pairs"
 
 
@@ -64,6 +66,8 @@ def check_combination(loss_type: Union[str, Sequence[str]], loss_weights: Option
         raise ValueError(f"unknown loss_type {unknown or types}: choose from {', '.join(LOSS_TYPES)}")
     if "kto" in types and len(types) > 1:
         raise ValueError("'kto' trains on unpaired data and cannot be combined with other loss types")
+    if "coh" in types and len(types) > 1:
+        raise ValueError("'coh' trains on one hindsight sequence per pair and order and cannot be combined with other loss types")
     if is_online(types) and len(types) > 1:
         raise ValueError(f"{', '.join(ONLINE_LOSSES)} train on the policy's own samples and cannot be combined with other loss types")
     if loss_weights is not None and len(loss_weights) != len(types):
@@ -91,6 +95,8 @@ def make_loss(
     label_smoothing: float = 0.0,
     chunk_size: int = 0,
     loss_weights: Optional[Sequence[float]] = None,
+    loss_terms: Sequence[LossTerm] = (),
+    token_reference: Optional[TokenReferenceFn] = None,
     **hparams,
 ) -> LossFn:
     """The loss function for ``loss_type`` (a name or a weighted list of names).
@@ -101,14 +107,21 @@ def make_loss(
     ``label_smoothing`` with ``1 - confidence``. In a list, ``sft`` is the NLL of
     the chosen responses (``[dpo, sft]`` is RPO). ``hparams`` go to the
     losses that take them (``gamma``, ``tau``, ``alpha``,
-    ``desirable_weight``, ``undesirable_weight``).
+    ``desirable_weight``, ``undesirable_weight``). ``loss_terms`` (paired
+    objectives only) add ``weight * term(TermInputs)`` each, logged as
+    ``loss_terms/<name>``; ``token_reference(batch)`` gives the per-token
+    reference log-probs a term may read. ``coh`` is the next-token loss on a
+    Chain of Hindsight sequence's answers (the batch mask holds them).
     """
     check_combination(loss_type, loss_weights)
     types = loss_list(loss_type)
     weights = list(loss_weights) if loss_weights is not None else [1.0] * len(types)
     use_reference = needs_reference(types)
 
-    if data_kind(types) == "sft":
+    if loss_terms and data_kind(types) != "pairs":
+        raise ValueError(f"loss_terms work with the paired objectives, not loss_type {loss_type!r}")
+
+    if data_kind(types) in ("sft", "coh"):
 
         def sft(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
             logps, ntoks = sequence_logps(model, batch, chunk_size)
@@ -137,9 +150,20 @@ def make_loss(
         return kto
 
     def pairs(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
-        logps, ntoks = sequence_logps(model, batch, chunk_size)
+        if loss_terms:  # per-token log-probs for the terms; their sums are the objective's input
+            token_logps, _, mask = sequence_token_logps(model, batch, chunk_size=chunk_size)
+            mask = mask.astype(mx.float32)
+            logps, ntoks = (token_logps * mask).sum(axis=-1), mask.sum(axis=-1)
+        else:
+            logps, ntoks = sequence_logps(model, batch, chunk_size)
         b = logps.shape[0] // 2
-        ref = _reference(batch, reference) if use_reference else None
+        ref_tokens = None
+        if loss_terms and use_reference and token_reference is not None and "reference_logps" not in batch:
+            # One reference pass serves both: the objective's sums and the terms' tokens.
+            ref_tokens = token_reference(batch)
+            ref = (ref_tokens * mask).sum(axis=-1)
+        else:
+            ref = _reference(batch, reference) if use_reference else None
         eps = 1.0 - batch["confidence"] if "confidence" in batch else label_smoothing
         inputs = dict(
             policy_chosen=logps[:b],
@@ -160,6 +184,18 @@ def make_loss(
                 metrics.setdefault(k, v)  # the first objective names the shared metrics
             if len(types) > 1:
                 metrics[f"loss/{t}"] = part
+        if loss_terms:
+            if ref_tokens is not None:
+                later = lambda: ref_tokens  # noqa: E731
+            elif token_reference is not None and use_reference:
+                later = lambda: token_reference(batch)  # noqa: E731  (a precomputed run: on first use)
+            else:
+                later = None
+            inputs = term_inputs(token_logps, mask, ref, batch, beta, later)
+            for term in loss_terms:
+                value = term(inputs)
+                total = total + term.weight * value
+                metrics[f"loss_terms/{term.name}"] = value
         n = mx.array(b, mx.float32)
         return total, {**metrics, "weight": n, "count": n, "ntoks": _forwarded(batch)}
 

@@ -17,16 +17,15 @@ importable module; a name without a dot is a built-in. Anything wrong is one
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import itertools
 import math
 import numbers
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+
+from .user_functions import error_text as _error_text
+from .user_functions import find_function
 
 
 class RewardError(Exception):
@@ -35,11 +34,6 @@ class RewardError(Exception):
 
 def _one_line(text) -> str:
     return " ".join(str(text).split())
-
-
-def _error_text(e: BaseException) -> str:
-    message = _one_line(e)
-    return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
 # ----------------------------------------------------------------- built-ins
@@ -104,59 +98,6 @@ BUILTINS: dict[str, Callable[[str, dict], Callable]] = {
 
 # ----------------------------------------------------------------- loading
 
-_MODULES: dict[Path, object] = {}  # resolved file -> module: each file runs once per process
-_COUNTER = itertools.count()
-
-
-def _load_file(entry: str, path: Path):
-    """Import ``path`` under a unique name (files of the same name in different
-    folders must not collide), with its folder on ``sys.path`` while it runs so
-    it can import the modules beside it."""
-    path = path.resolve()
-    if path in _MODULES:
-        return _MODULES[path]
-    name = f"_mlx_dpo_rewards_{next(_COUNTER)}_{path.stem}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    folder = str(path.parent)
-    added = folder not in sys.path
-    if added:
-        sys.path.insert(0, folder)
-    sys.modules[name] = module  # dataclasses and pickling look modules up here
-    try:
-        spec.loader.exec_module(module)
-    except BaseException as e:
-        sys.modules.pop(name, None)
-        if isinstance(e, SyntaxError):
-            where = e.filename or path  # the module, or a sibling it imports
-            raise RewardError(f"reward function {entry!r}: {where} has a syntax error: {e.msg} (line {e.lineno})") from None
-        if isinstance(e, Exception):
-            raise RewardError(f"reward function {entry!r}: importing {path} failed: {_error_text(e)}") from e
-        raise
-    finally:
-        if added and folder in sys.path:
-            sys.path.remove(folder)
-    _MODULES[path] = module
-    return module
-
-
-def _import(entry: str, module_name: str, looked: list[str]):
-    """The importable module ``module_name``, or a RewardError saying where we looked."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        parts = module_name.split(".")
-        if e.name in {".".join(parts[: i + 1]) for i in range(len(parts))}:
-            where = ", ".join(looked) if looked else "no folders"
-            raise RewardError(
-                f"reward function {entry!r}: no module {module_name!r}: not a file ({where}) nor importable"
-            ) from None
-        raise RewardError(f"reward function {entry!r}: importing {module_name!r} failed: {_error_text(e)}") from e
-    except SyntaxError as e:
-        raise RewardError(f"reward function {entry!r}: {e.filename} has a syntax error: {e.msg} (line {e.lineno})") from None
-    except Exception as e:
-        raise RewardError(f"reward function {entry!r}: importing {module_name!r} failed: {_error_text(e)}") from e
-
 
 def _resolve(entry: str, search_dirs: list, options: dict) -> tuple[str, Callable]:
     if "." not in entry:
@@ -166,31 +107,7 @@ def _resolve(entry: str, search_dirs: list, options: dict) -> tuple[str, Callabl
                 "a function in a file is written module.function, e.g. rewards.my_reward"
             )
         return entry, BUILTINS[entry](entry, options)
-    *module_parts, attr = entry.split(".")
-    if not attr or not all(module_parts):
-        raise RewardError(f"reward function {entry!r}: not a valid name (write module.function, e.g. rewards.my_reward)")
-    relative = Path(*module_parts).with_suffix(".py")
-    looked, module, source = [], None, None
-    for folder in search_dirs:
-        candidate = (Path(folder).expanduser() / relative).absolute()
-        looked.append(str(candidate))
-        if candidate.is_file():
-            module, source = _load_file(entry, candidate), str(candidate.resolve())
-            break
-    if module is None:
-        module_name = ".".join(module_parts)
-        module, source = _import(entry, module_name, looked), f"module {module_name!r}"
-    if not hasattr(module, attr):
-        defined = sorted(
-            k for k, v in vars(module).items()
-            if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module.__name__
-        )
-        listed = f" (it defines: {', '.join(defined)})" if defined else ""
-        raise RewardError(f"reward function {entry!r}: {source} has no {attr!r}{listed}")
-    fn = getattr(module, attr)
-    if not callable(fn):
-        raise RewardError(f"reward function {entry!r}: {attr!r} in {source} is a {type(fn).__name__}, not a function")
-    return attr, fn
+    return find_function(entry, search_dirs, "reward function", RewardError, "rewards.my_reward")
 
 
 def load_reward_funcs(

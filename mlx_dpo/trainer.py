@@ -150,10 +150,11 @@ class TrainingInterrupted(Exception):
 class NonFiniteError(Exception):
     """A loss or gradient was NaN/inf; the update was not applied."""
 
-    def __init__(self, step: int, batch_index: list[int], saved: Optional[Path]):
+    def __init__(self, step: int, batch_index: list[int], saved: Optional[Path], culprits: Sequence[str] = ()):
         where = f"step {step}, batch of examples {batch_index}"
+        named = f" ({', '.join(culprits)})" if culprits else ""
         kept = f"; the last good adapters are in {saved}" if saved else ""
-        super().__init__(f"non-finite loss or gradient at {where}{kept} (lower the learning rate, or set skip_nonfinite: true)")
+        super().__init__(f"non-finite loss or gradient at {where}{named}{kept} (lower the learning rate, or set skip_nonfinite: true)")
         self.step, self.batch_index, self.saved = step, batch_index, saved
 
 
@@ -182,6 +183,15 @@ def _all_finite(loss: mx.array, grad) -> mx.array:
     for g in leaves:
         finite = finite & mx.isfinite(g).all()
     return finite
+
+
+def nonfinite_terms(metrics: dict) -> list[str]:
+    """The user's loss terms (``loss_terms/<name>``) whose value is NaN or inf, as one message names them."""
+    return [
+        f"loss term {k.split('/', 1)[1]!r} is {float(v)}"
+        for k, v in metrics.items()
+        if k.startswith("loss_terms/") and not np.isfinite(float(v))
+    ]
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -292,10 +302,12 @@ def train(
             mx.eval(loss, metrics, new_grad, flags)
             bad, signalled = flags.tolist()
             if bad > 0:
+                culprits = nonfinite_terms(metrics)
                 if not args.skip_nonfinite:
-                    raise NonFiniteError(it, np.array(batch["index"]).tolist(), last_saved)
+                    raise NonFiniteError(it, np.array(batch["index"]).tolist(), last_saved, culprits)
                 skipped += 1
-                say(f"Iter {it}: non-finite loss or gradient, batch of examples {np.array(batch['index']).tolist()} skipped ({skipped} so far)")
+                named = f" ({', '.join(culprits)})" if culprits else ""
+                say(f"Iter {it}: non-finite loss or gradient{named}, batch of examples {np.array(batch['index']).tolist()} skipped ({skipped} so far)")
             else:
                 window.add(loss, metrics)
                 grad, accumulated = new_grad, accumulated + 1

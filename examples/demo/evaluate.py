@@ -8,7 +8,10 @@ items that appear in no training text, and prints, for the base model and
 word-list classifier in ``reviews.py`` (whose accuracy on held-out corpus
 reviews is printed too), the mean completion length, and a sampled estimate of
 the per-token KL divergence from the base model,
-``E_y~π [log π(y|x) - log π_base(y|x)] / E[len y]``.
+``E_y~π [log π(y|x) - log π_base(y|x)] / E[len y]``. With ``--coh`` the
+adapter is a Chain of Hindsight one: its prompts end with the positive phrase
+it was trained with (the base model's too, for its KL), and each completion is
+cut where the negative phrase begins.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from mlx_dpo.batching import pad_batch  # noqa: E402
+from mlx_dpo.generate import coh_phrases  # noqa: E402
 from mlx_dpo.logps import get_batched_logps  # noqa: E402
 from reviews import is_positive, prompt_for, review, split_items  # noqa: E402
 
@@ -84,26 +88,40 @@ def completion_logps(model, prompts: list[list[int]], completions: list[list[int
     return np.concatenate(res)
 
 
+def cut_at(ids: list[int], phrase: list[int]) -> list[int]:
+    """``ids`` up to the first occurrence of ``phrase`` (a hindsight chain's negative phrase)."""
+    for i in range(len(ids) - len(phrase) + 1):
+        if ids[i : i + len(phrase)] == phrase:
+            return ids[:i]
+    return ids
+
+
 def evaluate(model_path: str, adapter_path: str | None = None, n: int = 200, temp: float = 1.0, seed: int = 0,
-             max_tokens: int = 64) -> list[dict]:
+             max_tokens: int = 64, coh: bool = False) -> list[dict]:
     """Rows of the table: one for the base model, one for the adapter (if given)."""
     _, held_out = split_items()
     base, tokenizer = load(model_path)
     eos = set(tokenizer.eos_token_ids) | {tokenizer.eos_token_id}
-    prompts = [encode_prompt(tokenizer, t) for t in prompts_for(held_out, n, seed)]
+    plain = [encode_prompt(tokenizer, t) for t in prompts_for(held_out, n, seed)]
     rows = []
     for name, path in [("base", None)] + ([("adapter", adapter_path)] if adapter_path else []):
         model = base if path is None else load(model_path, adapter_path=path)[0]
+        prompts, negative = plain, None
+        if coh and path is not None:
+            positive, negative = (tokenizer.encode(p, add_special_tokens=False) for p in coh_phrases(path))
+            prompts = [p + positive for p in plain]
         mx.random.seed(seed)
         comps = sample(model, prompts, max_tokens, temp, eos)
+        if negative:
+            comps = [cut_at(c, negative) for c in comps]
         texts = [tokenizer.decode([t for t in c if t not in eos]) for c in comps]
         if path is None:
             kl = 0.0
         else:
             diff = completion_logps(model, prompts, comps) - completion_logps(base, prompts, comps)
-            kl = float(diff.sum() / sum(len(c) for c in comps))
+            kl = float(diff.sum() / max(sum(len(c) for c in comps), 1))
         rows.append({
-            "model": name if path is None else f"{name} ({path})",
+            "model": name if path is None else f"{name} ({path}{', positive phrase' if negative else ''})",
             "samples": n,
             "positive": float(np.mean([is_positive(t) for t in texts])),
             "mean_tokens": float(np.mean([len(c) for c in comps])),
@@ -121,11 +139,12 @@ def main() -> None:
     p.add_argument("--temp", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--coh", action="store_true", help="The adapter is Chain of Hindsight: prompt it with its positive phrase.")
     args = p.parse_args()
 
     _, held_out = split_items()
     print(f"Word-list classifier accuracy on 400 labelled held-out corpus reviews: {classifier_accuracy(held_out):.1%}")
-    rows = evaluate(args.model, args.adapter_path, args.n, args.temp, args.seed, args.max_tokens)
+    rows = evaluate(args.model, args.adapter_path, args.n, args.temp, args.seed, args.max_tokens, args.coh)
     print(f"\nPrompts about {len(held_out)} items never seen in training; temperature {args.temp}, seed {args.seed}.\n")
     print("| model | samples | positive | mean length (tokens) | KL from base (nats/token) |")
     print("|---|---|---|---|---|")

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .build import build_kto, build_pairs, build_sft, sft_examples, tokenize_pair
+from .build import build_kto, build_pairs, build_pairs_tokens, build_sft, numeric_columns, sft_examples, tokenize_pair
 from .check import MESSAGE_ROLES
 from .core import DataError, Dataset, Example, Sequence, as_dataset
 from .detect import CONFIDENCE_NOTE, DATA_FORMATS, DATA_OPTION_KEYS, LAYOUTS, NECTAR_PAIRINGS, detect_format
+from .hindsight import COH_NEGATIVE, COH_POSITIVE, build_coh
 from .normalize import ASSISTANT_MARKERS, split_implicit_prompt
 from .prompts import Prompt, build_prompts, load_prompt_splits
 from .records import Records, load_json_records, load_parquet_records, load_records, load_split_records, split_records
 
 __all__ = [
     "ASSISTANT_MARKERS",
+    "COH_NEGATIVE",
+    "COH_POSITIVE",
     "CONFIDENCE_NOTE",
     "DATA_FORMATS",
     "DATA_OPTION_KEYS",
@@ -44,8 +47,10 @@ __all__ = [
     "Records",
     "Sequence",
     "as_dataset",
+    "build_coh",
     "build_kto",
     "build_pairs",
+    "build_pairs_tokens",
     "build_prompts",
     "build_sft",
     "detect_format",
@@ -55,6 +60,7 @@ __all__ = [
     "load_prompt_splits",
     "load_records",
     "load_split_records",
+    "numeric_columns",
     "sft_examples",
     "split_implicit_prompt",
     "tokenize_pair",
@@ -64,6 +70,8 @@ __all__ = [
 def _summary(split: str, stats: dict, max_seq_length: int) -> str:
     kind = "examples" if "examples" in stats else "pairs"
     notes = []
+    if kind == "examples" and "pairs" in stats:  # Chain of Hindsight: two orders per pair
+        notes.append(f"from {stats['pairs']} pairs, both orders")
     if "desirable" in stats:
         notes.append(f"{stats['desirable']} desirable, {stats['undesirable']} undesirable")
     if stats["truncated"]:
@@ -83,10 +91,12 @@ def _summary(split: str, stats: dict, max_seq_length: int) -> str:
 
 
 def _data_kind(loss_type) -> str:
-    """``sft``, ``kto`` or ``pairs``: what records the loss type reads."""
+    """``sft``, ``coh``, ``kto`` or ``pairs``: what records the loss type reads."""
     types_ = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if types_ and all(t == "sft" for t in types_):
         return "sft"
+    if types_ == ["coh"]:
+        return "coh"
     return "kto" if "kto" in types_ else "pairs"
 
 
@@ -101,6 +111,8 @@ def load_datasets(
     options: Optional[dict] = None,
     hub_splits: Optional[dict] = None,
     seed: int = 0,
+    columns: "bool | list[str]" = False,
+    coh_phrases: tuple[str, str] = (COH_POSITIVE, COH_NEGATIVE),
     **features,
 ) -> dict[str, list[Example] | None]:
     """Load and tokenize each split (None where it is missing).
@@ -111,6 +123,10 @@ def load_datasets(
     ``data_format`` and ``options`` choose and configure the layout;
     ``hub_splits`` maps ``train``/``valid``/``test`` (or ``train_split``/
     ``valid_split``/``test_split``) to the split names of a hub dataset.
+    ``coh`` reads pairs as Chain of Hindsight sequences joined by
+    ``coh_phrases`` (positive, negative); ``columns`` gives pairs the numeric
+    fields of their records (``build_pairs``), for loss terms: those of the
+    first split loaded (train), required in the others.
     """
     kind = _data_kind(loss_type)
     out = {}
@@ -123,8 +139,12 @@ def load_datasets(
             examples, stats = build_sft(records, tokenizer, max_seq_length, mask_prompt, **features)
         elif kind == "kto":
             examples, stats = build_kto(records, tokenizer, max_seq_length, data_format, options, seed=seed)
+        elif kind == "coh":
+            examples, stats = build_coh(records, tokenizer, max_seq_length, data_format, options, *coh_phrases)
         else:
-            examples, stats = build_pairs(records, tokenizer, max_seq_length, data_format, options)
+            examples, stats = build_pairs(records, tokenizer, max_seq_length, data_format, options, columns=columns)
+            if columns is True:  # the first split (train) names the columns; the others must have them
+                columns = [k[len("column."):] for k in examples.fields if k.startswith("column.")]
         print(_summary(split, stats, max_seq_length))
         out[split] = examples
     return out

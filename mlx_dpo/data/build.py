@@ -8,6 +8,8 @@ and count it. No step calls back into a builder.
 
 from __future__ import annotations
 
+import math
+import numbers
 import types
 from typing import Optional
 
@@ -21,36 +23,23 @@ from .records import _at, _in
 from .tokenize import has_chat_template, tokenize_canon, tokenize_parts
 
 
-def build_pairs(
-    records: list[dict],
-    tokenizer,
-    max_seq_length: int,
-    data_format: str = "auto",
-    options: Optional[dict] = None,
-) -> tuple[Dataset, dict]:
-    """Tokenize preference records into ``((chosen, offset), (rejected, offset))`` pairs.
+def build_pairs_tokens(
+    records: list[dict], tokenizer, data_format: str = "auto", options: Optional[dict] = None
+) -> tuple[list[tuple[list[int], list[int], list[int], int]], dict]:
+    """Every record's pairs as token ids ``(prompt, chosen, rejected, line)``, before any length cut.
 
-    ``data_format`` names the layout (``auto``: detected from line 1, every
-    record must share it); ``options`` holds the per-format options
-    (``DATA_OPTION_KEYS``). Sequences are cut to ``max_seq_length``; a pair is
-    dropped when its prompt alone fills that length (no response token would
-    be left to score) or when chosen and rejected are the same (it carries no
-    preference). ``truncated`` counts pairs with at least one cut sequence.
-    Nectar records add ``dropped_few_answers`` (records with fewer than two
-    answers) and ``dropped_tied`` (pairs of equal rank) to the stats. Records
-    with a ``confidence`` give the Dataset a float32 ``confidence`` field
-    (1.0 where a record has none).
+    ``line`` is the record's 1-based position. Pairs whose chosen equals their rejected are
+    dropped (``dropped_identical``); Nectar records add ``dropped_few_answers`` and
+    ``dropped_tied`` to the stats.
     """
     data_format = check_format(data_format)
     opts = check_options(options)
-    stats = {"pairs": 0, "truncated": 0, "dropped_long_prompt": 0, "dropped_identical": 0}
-    pairs, confidences = [], []
-    has_confidence = False
+    stats = {"dropped_identical": 0}
+    out = []
     layouts = check_records(records, data_format, opts, False, has_chat_template(tokenizer))
     for line, (record, (fmt, _)) in enumerate(zip(records, layouts), 1):
         try:
             canons, tied = normalize_pairs(record, fmt, opts)
-            confidence = pair_confidence(record)
             if fmt == "nectar":
                 stats.setdefault("dropped_few_answers", 0)
                 stats["dropped_tied"] = stats.get("dropped_tied", 0) + tied
@@ -65,25 +54,93 @@ def build_pairs(
                 tokenized.append(tokenize_canon(canon, tokenizer))
         except DataError as e:
             raise DataError(f"{_at(records, line)}: {e}") from None
-        has_confidence = has_confidence or confidence is not None
         for prompt, chosen, rejected in tokenized:
             if chosen == rejected:
                 stats["dropped_identical"] += 1
                 continue
-            if len(prompt) >= max_seq_length:
-                stats["dropped_long_prompt"] += 1
+            out.append((prompt, chosen, rejected, line))
+    return out, stats
+
+
+def numeric_columns(records: list[dict]) -> list[str]:
+    """The fields that are numbers (or booleans) in every record, ``confidence`` aside: the columns
+    loss terms read."""
+    if not records:
+        return []
+    names = [k for k, v in records[0].items() if k != "confidence" and _is_number(v)]
+    return [k for k in names if all(_is_number(r.get(k)) for r in records)]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and math.isfinite(float(value))
+
+
+def _column_values(records: list[dict], line: int, names: list[str]) -> list[float]:
+    record, values = records[line - 1], []
+    for name in names:
+        value = record.get(name)
+        if not _is_number(value):
+            raise DataError(
+                f"{_at(records, line)}: column {name!r} is {value!r}; the loss terms read it as a number "
+                "in every record (the train split has it in all of its records)"
+            )
+        values.append(float(value))
+    return values
+
+
+def build_pairs(
+    records: list[dict],
+    tokenizer,
+    max_seq_length: int,
+    data_format: str = "auto",
+    options: Optional[dict] = None,
+    columns: "bool | list[str]" = False,
+) -> tuple[Dataset, dict]:
+    """Tokenize preference records into ``((chosen, offset), (rejected, offset))`` pairs.
+
+    ``data_format`` names the layout (``auto``: detected from line 1, every
+    record must share it); ``options`` holds the per-format options
+    (``DATA_OPTION_KEYS``). Sequences are cut to ``max_seq_length``; a pair is
+    dropped when its prompt alone fills that length (no response token would
+    be left to score) or when chosen and rejected are the same (it carries no
+    preference). ``truncated`` counts pairs with at least one cut sequence.
+    Nectar records add ``dropped_few_answers`` (records with fewer than two
+    answers) and ``dropped_tied`` (pairs of equal rank) to the stats. Records
+    with a ``confidence`` give the Dataset a float32 ``confidence`` field
+    (1.0 where a record has none). With ``columns``, each field that is a
+    number in every record (``numeric_columns``) becomes a float32 field
+    ``column.<name>`` (for loss terms); a list of names requires those fields.
+    """
+    triples, token_stats = build_pairs_tokens(records, tokenizer, data_format, options)
+    stats = {"pairs": 0, "truncated": 0, "dropped_long_prompt": 0, **token_stats}
+    names = list(columns) if isinstance(columns, (list, tuple)) else numeric_columns(records) if columns else []
+    pairs, confidences, values = [], [], []
+    confidence_of = {}
+    for line, record in enumerate(records, 1):
+        try:
+            confidence_of[line] = pair_confidence(record)
+        except DataError as e:
+            raise DataError(f"{_at(records, line)}: {e}") from None
+    has_confidence = any(c is not None for c in confidence_of.values())
+    for prompt, chosen, rejected, line in triples:
+        confidence = confidence_of[line]
+        if len(prompt) >= max_seq_length:
+            stats["dropped_long_prompt"] += 1
+            continue
+        seqs = [prompt + chosen, prompt + rejected]
+        if any(len(s) > max_seq_length for s in seqs):
+            if seqs[0][:max_seq_length] == seqs[1][:max_seq_length]:
+                # The responses differ only past the limit: no signal left.
+                stats["dropped_identical_truncated"] = stats.get("dropped_identical_truncated", 0) + 1
                 continue
-            seqs = [prompt + chosen, prompt + rejected]
-            if any(len(s) > max_seq_length for s in seqs):
-                if seqs[0][:max_seq_length] == seqs[1][:max_seq_length]:
-                    # The responses differ only past the limit: no signal left.
-                    stats["dropped_identical_truncated"] = stats.get("dropped_identical_truncated", 0) + 1
-                    continue
-                stats["truncated"] += 1
-            pairs.append(tuple((s[:max_seq_length], len(prompt)) for s in seqs))
-            confidences.append(1.0 if confidence is None else confidence)
+            stats["truncated"] += 1
+        pairs.append(tuple((s[:max_seq_length], len(prompt)) for s in seqs))
+        confidences.append(1.0 if confidence is None else confidence)
+        values.append(_column_values(records, line, names))
     stats["pairs"] = len(pairs)
     fields = {"confidence": np.array(confidences, dtype=np.float32)} if has_confidence else {}
+    for j, name in enumerate(names):
+        fields[f"column.{name}"] = np.array([v[j] for v in values], dtype=np.float32)
     return Dataset(pairs, fields), stats
 
 

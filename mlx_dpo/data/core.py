@@ -1,7 +1,9 @@
 """Types and errors every part of the data layer shares.
 
 An example is a tuple of ``(tokens, offset)`` sequences, ``offset`` being the
-index of the first response token (mlx-lm's ``mask_prompt`` convention); a
+index of the first response token (mlx-lm's ``mask_prompt`` convention), or
+for a sequence trained on several separate stretches (Chain of Hindsight) a
+tuple of ``(start, end)`` token spans; a
 ``Dataset`` is a list of them with optional per-example arrays. ``DataError``
 is the one exception a dataset that cannot be used raises, its message naming
 where and why. Kept apart so that every step of the data layer (read, detect,
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-Sequence = tuple[list[int], int]  # (prompt + response token ids, index of first response token)
+Spans = tuple[tuple[int, int], ...]  # trained token stretches [start, end), in order
+Sequence = tuple[list[int], "int | Spans"]  # (prompt + response token ids, index of first response token, or spans)
 Example = tuple[Sequence, ...]  # (chosen, rejected) for preference pairs; (seq, kl_seq) for KTO; (seq,) for sft
 
 
