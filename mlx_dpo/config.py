@@ -19,7 +19,7 @@ from mlx_lm.lora import build_parser as mlx_lm_parser
 from mlx_lm.lora import yaml_loader  # SafeLoader that also reads 1e-5 as a float
 
 from .data import DATA_FORMATS, DATA_OPTION_KEYS  # noqa: E402
-from .objectives import LOSS_TYPES, check_combination, data_kind, is_online  # noqa: E402
+from .objectives import LOSS_TYPES, check_combination, data_kind, is_online, needs_reference  # noqa: E402
 from .policy_losses import IMPORTANCE_LEVELS, SCALE_REWARDS  # noqa: E402
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -55,6 +55,14 @@ DEFAULTS: dict[str, Any] = {
     **{k: None for k in DATA_OPTION_KEYS},
     **{k: None for k in HUB_SPLIT_KEYS},
     # Online learning from rewards (GRPO's family; TRL 1.13's names and defaults).
+    "online": False,
+    "missing_eos_penalty": None,
+    "rounds": None,
+    "samples_per_prompt": 4,
+    "prompts_per_round": None,
+    "epochs_per_round": None,
+    "pair_selection": "best_worst",
+    "reference_update": "base",
     "rl": None,
     "reward_funcs": None,
     "reward_weights": None,
@@ -159,6 +167,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "coh_negative": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty phrase"),
     "data_format": (lambda v: v in DATA_FORMATS, "one of " + ", ".join(DATA_FORMATS)),
     "beta": (lambda v: _is_num(v) and v >= 0, "a number > 0 (>= 0 for the online losses)"),
+    "online": (lambda v: isinstance(v, bool), "true or false (a paired objective on the policy's own samples)"),
+    "rounds": (_opt(lambda v: _is_int(v) and v >= 1), "a positive integer (iterative DPO: rounds of sample, pair, train)"),
+    "samples_per_prompt": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (completions sampled per prompt each round)"),
+    "pair_selection": (lambda v: v == "best_worst", "best_worst"),
+    "epochs_per_round": (_opt(lambda v: _is_int(v) and v >= 1), "a positive integer (at most this many passes over a round's pairs; unset: iters steps)"),
+    "prompts_per_round": (_opt(lambda v: _is_int(v) and v >= 1), "a positive integer (train prompts sampled each round; unset: all)"),
+    "reference_update": (lambda v: v in ("base", "per_round"), "base or per_round"),
+    "missing_eos_penalty": (_opt(_is_num), "a number subtracted from the reward of completions without EOS"),
     "rl": (_opt(lambda v: v in RL_ALIASES), "one of " + ", ".join(RL_ALIASES) + " (axolotl's name for the method)"),
     "reward_funcs": (_opt(lambda v: isinstance(v, list) and v and all(isinstance(f, str) and f for f in v)),
                      'a list of "module.function" names (module file beside the config or in the working directory) or built-ins'),
@@ -219,6 +235,27 @@ def validate(cfg: dict[str, Any]) -> None:
         except ValueError as e:
             raise ConfigError(f"invalid value for 'loss_type': {e}") from None
     _check_online(cfg)
+    if cfg.get("online") or cfg.get("rounds"):
+        _check_sampled_pairs(cfg)
+    if cfg.get("online"):
+        loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
+        if data_kind(loss_type) != "pairs":
+            raise ConfigError(f"'online: true' turns a paired objective (dpo, ipo, hinge, ...) into its online form, not loss_type {loss_type!r}")
+        if cfg.get("precompute_reference"):
+            raise ConfigError("'online: true' samples new completions every step, so their reference log-probs cannot be precomputed: set precompute_reference: false")
+    if cfg.get("rounds"):
+        loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
+        if data_kind(loss_type) != "pairs" or not needs_reference(loss_type):
+            raise ConfigError(f"'rounds' trains a paired objective with a reference (dpo, ipo, hinge, ...) on sampled pairs, not loss_type {loss_type!r}")
+        if cfg.get("online"):
+            raise ConfigError("'rounds' and 'online: true' are two ways to sample pairs: choose one")
+        if cfg.get("loss_terms") and cfg.get("reference_update") == "per_round":
+            raise ConfigError("'loss_terms' with 'reference_update: per_round' is not supported: a term's per-token "
+                              "reference would be the base model while the summed one is the round's policy")
+        per_round, batch = cfg.get("prompts_per_round"), cfg.get("batch_size")
+        if _is_int(per_round) and _is_int(batch) and per_round < batch:
+            raise ConfigError(f"invalid value for 'prompts_per_round': {per_round} (fewer than batch_size={batch}: "
+                              "a round would never fill a batch)")
     if cfg.get("loss_terms"):
         loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
         if data_kind(loss_type) != "pairs":
@@ -237,16 +274,26 @@ def validate(cfg: dict[str, Any]) -> None:
         _check_schedule(schedule)
 
 
+def _check_sampled_pairs(cfg: dict[str, Any]) -> None:
+    """Rules shared by online and iterative DPO, whose pairs the policy samples."""
+    if cfg.get("temperature") == 0:
+        raise ConfigError("invalid value for 'temperature': 0 (greedy sampling draws the same completion twice: no pairs)")
+    accumulate, iters = cfg.get("grad_accumulation_steps"), cfg.get("iters")
+    if _is_int(accumulate) and _is_int(iters) and accumulate > 0 and iters % accumulate:
+        raise ConfigError(f"invalid value for 'iters': {iters} (must be a multiple of grad_accumulation_steps="
+                          f"{accumulate}, so no accumulated gradient is left unapplied)")
+
+
 def _check_online(cfg: dict[str, Any]) -> None:
     """Cross-key rules of the online losses (and beta > 0 for the offline ones)."""
     loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
+    funcs, weights = cfg.get("reward_funcs"), cfg.get("reward_weights")
+    if funcs is not None and weights is not None and len(weights) != len(funcs):
+        raise ConfigError(f"invalid value for 'reward_weights': {len(weights)} weights for {len(funcs)} reward functions")
     if not is_online(loss_type):
         if cfg.get("beta") == 0:
             raise ConfigError("invalid value for 'beta': 0 (expected a number > 0)")
         return
-    funcs, weights = cfg.get("reward_funcs"), cfg.get("reward_weights")
-    if funcs is not None and weights is not None and len(weights) != len(funcs):
-        raise ConfigError(f"invalid value for 'reward_weights': {len(weights)} weights for {len(funcs)} reward functions")
     unit = (cfg.get("grad_accumulation_steps") or 1) * (cfg.get("num_iterations") or 1)
     for key in ("save_every", "iters"):  # the final checkpoint is at iters
         value = cfg.get(key)
@@ -319,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", type=str, choices=DTYPES, help="Training dtype (auto: float32 on a CPU, the model's own on a GPU).")
     parser.add_argument("--resume", action="store_true", help="Continue from the checkpoint in adapter_path (weights, optimizer, step).")
     parser.add_argument("--skip-nonfinite", action="store_true", help="Skip batches whose loss or gradient is NaN/inf instead of stopping.")
+    parser.add_argument("--online", action="store_true", help="Train the paired objective on the policy's own samples, paired by reward_funcs.")
     parser.add_argument("--precompute-reference", action="store_true", help="Compute reference log-probs once and cache them on disk.")
     parser.add_argument("--prefix-sharing", type=lambda v: {"true": True, "false": False}.get(v.lower(), v.lower()), choices=["auto", True, False],
                         help="Run each prompt once for its pair or group: auto (default), true or false.")

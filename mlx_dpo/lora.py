@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import types
 from functools import partial
@@ -38,8 +39,9 @@ from .objectives import confidence_supported, data_kind, is_online, make_loss, n
 from .logps import auto_chunk_size  # noqa: E402
 from .loss_terms import LossTermError  # noqa: E402
 from .prefix import resolve_prefix_sharing  # noqa: E402
+from .rollout import SamplingParams  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
-from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, state_file_for  # noqa: E402
+from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, save_checkpoint, state_file_for  # noqa: E402
 from .metrics_log import MetricsLogger  # noqa: E402
 from .trainer import (  # noqa: E402
     BatchSourceError,
@@ -186,7 +188,7 @@ def prefix_sharing(args: types.SimpleNamespace, model: nn.Module, sets: dict, re
     if data_kind(args.loss_type) in ("sft", "coh") or args.prefix_sharing is False:
         return False
     data = sets.get("train") or sets.get("test") or []
-    if is_online(args.loss_type):
+    if is_online(args.loss_type) or args.online or args.rounds:
         lengths = [len(p.ids) for p in data]
     else:
         lengths = [ex[0][1] for ex in data]
@@ -213,8 +215,25 @@ INHERITED_KEYS = (
     "gamma", "tau", "cpo_alpha", "desirable_weight", "undesirable_weight",
     "loss_terms", "coh_positive", "coh_negative", "reward_funcs", "reward_weights", "num_generations", "scale_rewards", "epsilon", "epsilon_high",
     "importance_sampling_level", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
-    "mask_truncated_completions", "overlong_buffer",
+    "mask_truncated_completions", "overlong_buffer", "online", "missing_eos_penalty",
+    "rounds", "samples_per_prompt", "prompts_per_round", "epochs_per_round", "pair_selection", "reference_update",
 )
+
+
+def find_reward_funcs(args: types.SimpleNamespace) -> list:
+    """The reward functions, resolved before any training (a misspelt name fails in the first second);
+    their module files are looked up beside the config file, then in the working directory."""
+    from .rewards import RewardError, load_reward_funcs
+
+    if not args.reward_funcs:
+        what = "online: true" if args.online else "rounds" if args.rounds else f"loss_type {args.loss_type}"
+        raise ConfigError(f"{what} learns from rewards: set 'reward_funcs' (e.g. [\"rewards.my_reward\"])")
+    dirs = ([Path(args.config).resolve().parent] if args.config else []) + [Path.cwd()]
+    options = {"max_completion_length": args.max_completion_length, "overlong_buffer": args.overlong_buffer}
+    try:
+        return load_reward_funcs(args.reward_funcs, dirs, options)
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
 
 
 def online_parts(
@@ -227,17 +246,8 @@ def online_parts(
     second); their module files are looked up beside the config file, then in the working directory.
     """
     from .online import OnlineArgs, make_online_loss, make_rollout_source, token_reference
-    from .rewards import RewardError, load_reward_funcs
-    from .rollout import SamplingParams
 
-    if not args.reward_funcs:
-        raise ConfigError(f"loss_type {args.loss_type} learns from rewards: set 'reward_funcs' (e.g. [\"rewards.my_reward\"])")
-    dirs = ([Path(args.config).resolve().parent] if args.config else []) + [Path.cwd()]
-    options = {"max_completion_length": args.max_completion_length, "overlong_buffer": args.overlong_buffer}
-    try:
-        funcs = load_reward_funcs(args.reward_funcs, dirs, options)
-    except RewardError as e:
-        raise ConfigError(str(e)) from None
+    funcs = find_reward_funcs(args)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
     online = OnlineArgs(
@@ -271,6 +281,117 @@ def find_loss_terms(args: types.SimpleNamespace) -> list:
         raise ConfigError(str(e)) from None
 
 
+def online_pair_source(args: types.SimpleNamespace, model: nn.Module, tokenizer, share: bool = False):
+    """``online: true``: the batch source that samples two completions per prompt and pairs them by reward."""
+    from .online_pairs import OnlinePairArgs, make_pair_rollout_source
+
+    funcs = find_reward_funcs(args)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+    online = OnlinePairArgs(sampling=sampling, reward_weights=args.reward_weights,
+                            missing_eos_penalty=args.missing_eos_penalty, share_prefix=share)
+    return make_pair_rollout_source(model, tokenizer, funcs, online)
+
+
+class RoundsRun:
+    """``rounds: N``: the data of each round (sampled, scored, paired, with its reference log-probs)
+    and the trainer called once per round, steps counted over the whole run (see iterative.py)."""
+
+    def __init__(self, args, model, tokenizer, sets: dict, base_reference, pad_id: int, chunk: int):
+        from .iterative import RoundArgs
+
+        self.args, self.model, self.tokenizer, self.sets = args, model, tokenizer, sets
+        self.base_reference, self.pad_id, self.chunk = base_reference, pad_id, chunk
+        self.funcs = find_reward_funcs(args)
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+        self.round_args = RoundArgs(samples_per_prompt=args.samples_per_prompt, pair_selection=args.pair_selection,
+                                    sampling=sampling, reward_weights=args.reward_weights,
+                                    missing_eos_penalty=args.missing_eos_penalty,
+                                    batch_size=args.batch_size, seed=args.seed)
+
+    def policy_reference(self, batch: dict) -> mx.array:
+        """The policy as it stands (dropout off), without gradient: the per-round reference."""
+        from .prefix import sequence_logps
+
+        training = self.model.training
+        self.model.eval()
+        try:
+            return mx.stop_gradient(sequence_logps(self.model, batch, self.chunk)[0])
+        finally:
+            self.model.train(training)
+
+    def data(self, k: Optional[int], split: str):
+        """Round ``k``'s pairs for ``split`` (``k`` None: the final test pairs), with reference log-probs."""
+        from .iterative import pairs_dataset, round_pairs, round_reference, sample_round_pairs
+
+        prompts = self.sets.get(split)
+        if not prompts:
+            return None
+        n = self.args.prompts_per_round
+        if split == "train" and n and n < len(prompts):  # a fresh seeded subset each round
+            pick = np.sort(np.random.default_rng((self.args.seed, k)).choice(len(prompts), n, replace=False))
+            prompts = [prompts[i] for i in pick]
+        folder = Path(self.args.adapter_path) / (f"round_{k}" if k is not None else "test")
+        pairs = round_pairs(folder, split, lambda: sample_round_pairs(
+            self.model, self.tokenizer, self.funcs, prompts, self.round_args, k or self.args.rounds + 1, split,
+            label=None if k is not None else "Test"))
+        dataset = pairs_dataset(pairs, self.args.max_seq_length)
+        rank0_print(f"Round {k if k is not None else 'test'}: {len(dataset)} {split} pairs from {len(prompts)} prompts "
+                    f"(written to {folder})")
+        if not len(dataset):
+            return dataset
+        per_round = k is not None and self.args.reference_update == "per_round"
+        reference = self.policy_reference if per_round else self.base_reference
+        return round_reference(folder, split, dataset, reference, self.args.batch_size, self.pad_id)
+
+    def train(self, optimizer, loss_fn, batches, training_args: TrainingArgs, callback, start: int) -> None:
+        from dataclasses import replace
+
+        from .iterative import train_rounds
+
+        iters = self.args.iters
+
+        def train_round(k: int, train_set, valid_set, first: int, last: int) -> None:
+            offset = (k - 1) * iters  # each round's batch order starts afresh; a resume skips within it
+            full_batches = len(train_set or ()) // self.args.batch_size
+            steps = iters if full_batches else 0
+            if self.args.epochs_per_round:  # a round with few pairs must not go over them many times
+                steps = min(iters, self.args.epochs_per_round * full_batches)
+            steps -= steps % self.args.grad_accumulation_steps  # no accumulated gradient left unapplied
+            if steps < 1:
+                rank0_print(f"[INFO] round {k}: {len(train_set or ())} pairs, too few for a step of batch_size {self.args.batch_size}: nothing trained")
+            elif first < offset + steps:
+                shifted = lambda ds, bs, **kw: batches(ds, bs, **{**kw, "skip": max(kw.get("skip", 0) - offset, 0)})  # noqa: E731
+                train(self.model, optimizer, loss_fn, train_set, valid_set or None, shifted,
+                      replace(training_args, iters=offset + steps), callback, first)
+            if offset + steps < last and mx.distributed.init().rank() == 0:  # the round is done: the next resumes after it
+                save_checkpoint(self.model, optimizer, Path(training_args.adapter_file), last, True)
+
+        def data(k: int, split: str):
+            try:
+                return self.data(k, split)
+            except KeyboardInterrupt:  # Ctrl-C while sampling: the last round's checkpoint is the place to resume
+                if k > 1:
+                    raise TrainingInterrupted((k - 1) * iters, signal.SIGINT, Path(training_args.adapter_file)) from None
+                raise
+
+        if start == 0:  # a fresh run: pairs a previous run left in this folder are not this policy's samples
+            self.clear(["round_*", "test"])
+        train_rounds(self.args.rounds, iters, start, Path(self.args.adapter_path), data, train_round)
+
+    def clear(self, patterns: list[str]) -> None:
+        """Remove earlier rounds' folders (this run writes its own)."""
+        import shutil
+
+        folder = Path(self.args.adapter_path)
+        old = [d for pattern in patterns for d in folder.glob(pattern) if d.is_dir()]
+        for d in old:
+            shutil.rmtree(d)
+        if old:
+            rank0_print(f"[INFO] removed {len(old)} folder(s) of an earlier run's pairs from {folder}")
+
+
 def inherit_training_settings(args: types.SimpleNamespace) -> None:
     """For ``--test`` alone: take the objective and reference from adapter_config.json."""
     path = Path(args.adapter_path) / "adapter_config.json"
@@ -299,7 +420,7 @@ def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict
     features = {k: getattr(args, k) for k in ("prompt_feature", "completion_feature", "chat_feature", "text_feature") if getattr(args, k)}
     options = {k: getattr(args, k) for k in DATA_OPTION_KEYS if getattr(args, k) is not None}
     hub_splits = {k: getattr(args, k) for k in ("train_split", "valid_split", "test_split") if getattr(args, k)}
-    if data_kind(args.loss_type) == "prompts":
+    if data_kind(args.loss_type) == "prompts" or args.online or args.rounds:
         from .data import load_prompt_splits
 
         return load_prompt_splits(args.data, tokenizer, args.max_prompt_length, splits=splits, hub_splits=hub_splits or None)
@@ -320,6 +441,8 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     world = mx.distributed.init().size()
     if args.batch_size % world:
         raise ConfigError(f"invalid value for 'batch_size': {args.batch_size} (must be divisible by the {world} processes)")
+    if args.rounds and world > 1:
+        raise ConfigError("'rounds' runs in one process (each round samples all its prompts there); run it without mlx.launch")
     if args.train and not args.adapter_path:
         raise ConfigError("invalid value for 'adapter_path': '' (training needs a folder to write to)")
     if not args.train:
@@ -349,7 +472,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
 
     pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     online = is_online(args.loss_type)
-    if args.train and len(sets["train"]) >= args.batch_size and not online:
+    if args.train and len(sets["train"]) >= args.batch_size and not online and not args.online and not args.rounds:
         frac = padding_fraction(sets["train"], args.batch_size, args.pad_to_multiple)
         rank0_print(f"Length-grouped batches: {frac:.1%} of train token slots are padding.")
     adapter_path = Path(args.adapter_path)
@@ -373,7 +496,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             )
     if needs_reference(args.loss_type):
         reference = make_reference(model, reference_model, chunk)
-        if args.precompute_reference:
+        if args.precompute_reference and not args.rounds:  # rounds take their own, once per round
             sets = with_reference_logps(args, sets, reference, reference_model or model, pad_id, share)
             reference = None  # every batch now carries its reference log-probs
             if not args.loss_terms:  # a loss term may still ask for per-token reference log-probs
@@ -381,6 +504,8 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     if online:
         batches, loss_fn = online_parts(args, model, tokenizer, reference_model, chunk, share)
     else:
+        if args.online:  # a paired objective on the policy's own samples: only the batch source differs
+            batches = online_pair_source(args, model, tokenizer, share)
         token_ref = None
         if terms and needs_reference(args.loss_type):  # the per-token reference a term may read
             from .online import token_reference
@@ -427,11 +552,22 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             except (ImportError, ValueError) as e:  # e.g. wandb not installed, an unknown service
                 raise ConfigError(f"invalid value for 'report_to': {args.report_to!r} ({e})") from None
         training_callback = CallbackList(callbacks)
-        rank0_print(f"Training with loss_type={args.loss_type} for {args.iters} iterations")
-        train(model, optimizer, loss_fn, sets["train"], sets.get("valid"), batches, training_args, training_callback, start)
+        if args.rounds:
+            rounds = RoundsRun(args, model, tokenizer, sets, reference, pad_id, chunk)
+            rank0_print(f"Training with loss_type={args.loss_type} for {args.rounds} rounds of {args.iters} iterations")
+            rounds.train(optimizer, loss_fn, batches, training_args, training_callback, start)
+        else:
+            rank0_print(f"Training with loss_type={args.loss_type} for {args.iters} iterations")
+            train(model, optimizer, loss_fn, sets["train"], sets.get("valid"), batches, training_args, training_callback, start)
 
     if not args.test:
         return {}
+    if args.rounds:  # pairs sampled from the test prompts by the final policy, against the base reference
+        rounds = RoundsRun(args, model, tokenizer, sets, reference, pad_id, chunk)
+        rounds.clear(["test"])  # always the samples of the policy being tested
+        sets = {**sets, "test": rounds.data(None, "test")}
+        if not sets["test"]:
+            raise DataError("no test pairs: every test prompt's samples scored the same (the reward cannot tell them apart)")
     metrics = evaluate(model, loss_fn, sets["test"], args.batch_size, args.test_batches, batches, "Testing")
     metrics = {k: v for k, v in metrics.items() if k not in ("weight",)}
     if data_kind(args.loss_type) in ("sft", "coh"):
@@ -483,6 +619,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except LossTermError as e:
         print(f"mlx_dpo.lora: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("mlx_dpo.lora: stopped (Ctrl-C); checkpoints already in adapter_path are kept", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -196,10 +196,26 @@ def make_loss(
                 value = term(inputs)
                 total = total + term.weight * value
                 metrics[f"loss_terms/{term.name}"] = value
+        if "stats" in batch:  # a pair batch sampled by the policy (online: true)
+            metrics.update(online_metrics(logps, ref, beta, batch["stats"]))
         n = mx.array(b, mx.float32)
         return total, {**metrics, "weight": n, "count": n, "ntoks": _forwarded(batch)}
 
     return pairs
+
+
+def online_metrics(logps: mx.array, reference: Optional[mx.array], beta: float, stats: dict) -> dict:
+    """TRL's online DPO metrics from the summed log-probs of all 2B sampled completions, which
+    cover their real tokens only (up to and including EOS, never the padding after it):
+    ``objective/kl`` = mean of log π(y) - log π_ref(y) (a sampled estimate of the sequence KL),
+    ``objective/entropy`` = mean of -log π(y), ``objective/non_score_reward`` = -β·kl and
+    ``objective/rlhf_reward`` = scores - β·kl; the sampler's stats pass through."""
+    out = {**stats, "objective/entropy": -logps.mean()}
+    if reference is not None:
+        kl = (logps - reference).mean()
+        out.update({"objective/kl": kl, "objective/non_score_reward": -beta * kl,
+                    "objective/rlhf_reward": stats["objective/scores"] - beta * kl})
+    return out
 
 
 def confidence_supported(loss_type: Union[str, Sequence[str]]) -> bool:

@@ -88,6 +88,42 @@ def _stats(completions: list[Completion], rewards: np.ndarray, names: list[str],
     return out
 
 
+def score_rollouts(
+    tokenizer, reward_funcs: list[tuple[str, Callable]], chunk: Sequence[Prompt], completions: list[Completion], eos_ids: set
+) -> np.ndarray:
+    """(N, F) rewards of each completion by each function: text (or an assistant message for
+    conversational prompts), ids and the prompts' columns go to the functions; a failure is a
+    ``RolloutError`` naming the function."""
+    prompts = [chunk[c.prompt_index].prompt for c in completions]
+    ids = [list(c.token_ids) for c in completions]
+    texts = [tokenizer.decode([t for t in c if t not in eos_ids], skip_special_tokens=True) for c in ids]
+    conversational = [isinstance(p, list) for p in prompts]
+    shown = [[{"role": "assistant", "content": t}] if conv else t for t, conv in zip(texts, conversational)]
+    keys = sorted({k for p in chunk for k in p.columns})
+    columns = {k: [chunk[c.prompt_index].columns.get(k) for c in completions] for k in keys}
+    try:
+        return score_completions(reward_funcs, prompts, shown, ids, columns)
+    except RewardError as e:
+        raise RolloutError(str(e)) from None
+
+
+def prompt_batches(
+    n: int, per_generation: int, seed: int, shuffle: bool, drop_last: bool, loop: bool
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(generation, prompt indices)`` for each generation batch: a fresh seeded order each epoch
+    (``shuffle``), the last short batch kept unless ``drop_last``, epochs repeated while ``loop``."""
+    generation, epoch = 0, 0
+    while True:
+        order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+        end = n - per_generation + 1 if drop_last else n
+        for i in range(0, max(end, 0), per_generation):
+            generation += 1
+            yield generation, order[i : i + per_generation]
+        epoch += 1
+        if not loop:
+            return
+
+
 def rollout_seed(seed: int, generation: int, rank: int) -> int:
     """The sampling seed of one generation batch on one rank."""
     return (seed * 1_000_003 + generation * 7919 + rank * 104_729 + 17) % (2**31)
@@ -108,17 +144,7 @@ def make_rollout_source(
     temperature = args.sampling.temperature if args.sampling.temperature > 0 else 1.0
 
     def score(chunk: list[Prompt], completions: list[Completion]) -> np.ndarray:
-        prompts = [chunk[c.prompt_index].prompt for c in completions]
-        ids = [list(c.token_ids) for c in completions]
-        texts = [tokenizer.decode([t for t in c if t not in eos_ids], skip_special_tokens=True) for c in ids]
-        conversational = [isinstance(p, list) for p in prompts]
-        shown = [[{"role": "assistant", "content": t}] if conv else t for t, conv in zip(texts, conversational)]
-        keys = sorted({k for p in chunk for k in p.columns})
-        columns = {k: [chunk[c.prompt_index].columns.get(k) for c in completions] for k in keys}
-        try:
-            return score_completions(reward_funcs, prompts, shown, ids, columns)
-        except RewardError as e:
-            raise RolloutError(str(e)) from None
+        return score_rollouts(tokenizer, reward_funcs, chunk, completions, eos_ids)
 
     def micro_batch(chunk: list[Prompt], comps: list[Completion], adv: np.ndarray, keep_old: bool) -> dict:
         rows = [(chunk[c.prompt_index].ids + list(c.token_ids), len(chunk[c.prompt_index].ids)) for c in comps]
@@ -172,58 +198,50 @@ def make_rollout_source(
         if skip % steps_per_generation:
             raise ValueError(f"cannot resume at step {skip}: not a multiple of {steps_per_generation} (a generation batch)")
         skip_generations = skip // steps_per_generation
-        generation, epoch = 0, 0
-        while True:
-            order = np.random.default_rng((seed, epoch)).permutation(len(prompts)) if shuffle else np.arange(len(prompts))
-            end = len(order) - per_generation + 1 if drop_last else len(order)
-            for i in range(0, max(end, 0), per_generation):
-                generation += 1
-                if generation <= skip_generations:
-                    continue
-                mine = order[i : i + per_generation][rank::world]
-                chunk = [prompts[j] for j in mine]
-                tic = time.perf_counter()
-                mx.random.seed(rollout_seed(seed, generation, rank))
-                comps = sample_groups(model, [p.ids for p in chunk], G, args.sampling, eos_ids) if chunk else []
-                rollout_s = time.perf_counter() - tic
-                # Every rank takes part in every collective below, in the same order, even with
-                # no prompts (a short last evaluation batch) or a failed reward function.
-                failure = None
-                try:
-                    rewards = score(chunk, comps) if chunk else np.zeros((0, len(names)))
-                except RolloutError as e:
-                    failure, rewards = e, np.zeros((0, len(names)))
-                failed = _all_sum(np.array([failure is not None], np.float64), comm_group)[0]
-                if failed:
-                    raise failure or RolloutError("a reward function failed on another process (see its output)")
-                combined = combine_rewards(rewards, args.reward_weights)
-                batch_std = _global_std(combined, comm_group) if args.scale_rewards == "batch" else None
-                kept = [len(c.token_ids) for c in comps if c.finished or not args.mask_truncated_completions]
-                tokens = float(sum(kept))
-                normalizer = _all_sum(np.array([tokens]), comm_group)[0] / (world * accum)
-                if not chunk:
-                    continue
-                adv, stats = group_advantages(combined, G, args.scale_rewards, batch_std)
-                stats.update(_stats(comps, rewards, names, rollout_s))
-                per_step = -(-len(chunk) // accum)
-                batches = []
-                for s in range(0, len(chunk), per_step):
-                    sel = [k for k, c in enumerate(comps) if s <= c.prompt_index < s + per_step]
-                    b = micro_batch(chunk, [comps[k] for k in sel], adv[sel], reuse > 1)
-                    b["normalizer"] = mx.array(normalizer, mx.float32)
-                    b["stats"] = {k: mx.array(v, mx.float32) for k, v in stats.items()}
-                    # Summed over a report window: counted once per generation batch.
-                    b["stats"]["time/rollout"] = mx.array(rollout_s if s == 0 else 0.0, mx.float32)
-                    b["stats"]["count/completion_tokens"] = mx.array(tokens if s == 0 else 0.0, mx.float32)
-                    b["index"] = mx.array(np.asarray(mine, dtype=np.int32)[s : s + per_step])
-                    batches.append(b)
-                yield from batches
-                once = {"time/rollout": mx.array(0.0), "count/completion_tokens": mx.array(0.0)}
-                for _ in range(reuse - 1):  # mu > 1: the same rows again, their sampling cost already counted
-                    yield from ({**b, "stats": {**b["stats"], **once}} for b in batches)
-            epoch += 1
-            if not loop:
-                return
+        for generation, picked in prompt_batches(len(prompts), per_generation, seed, shuffle, drop_last, loop):
+            if generation <= skip_generations:
+                continue
+            mine = picked[rank::world]
+            chunk = [prompts[j] for j in mine]
+            tic = time.perf_counter()
+            mx.random.seed(rollout_seed(seed, generation, rank))
+            comps = sample_groups(model, [p.ids for p in chunk], G, args.sampling, eos_ids) if chunk else []
+            rollout_s = time.perf_counter() - tic
+            # Every rank takes part in every collective below, in the same order, even with
+            # no prompts (a short last evaluation batch) or a failed reward function.
+            failure = None
+            try:
+                rewards = score(chunk, comps) if chunk else np.zeros((0, len(names)))
+            except RolloutError as e:
+                failure, rewards = e, np.zeros((0, len(names)))
+            failed = _all_sum(np.array([failure is not None], np.float64), comm_group)[0]
+            if failed:
+                raise failure or RolloutError("a reward function failed on another process (see its output)")
+            combined = combine_rewards(rewards, args.reward_weights)
+            batch_std = _global_std(combined, comm_group) if args.scale_rewards == "batch" else None
+            kept = [len(c.token_ids) for c in comps if c.finished or not args.mask_truncated_completions]
+            tokens = float(sum(kept))
+            normalizer = _all_sum(np.array([tokens]), comm_group)[0] / (world * accum)
+            if not chunk:
+                continue
+            adv, stats = group_advantages(combined, G, args.scale_rewards, batch_std)
+            stats.update(_stats(comps, rewards, names, rollout_s))
+            per_step = -(-len(chunk) // accum)
+            batches = []
+            for s in range(0, len(chunk), per_step):
+                sel = [k for k, c in enumerate(comps) if s <= c.prompt_index < s + per_step]
+                b = micro_batch(chunk, [comps[k] for k in sel], adv[sel], reuse > 1)
+                b["normalizer"] = mx.array(normalizer, mx.float32)
+                b["stats"] = {k: mx.array(v, mx.float32) for k, v in stats.items()}
+                # Summed over a report window: counted once per generation batch.
+                b["stats"]["time/rollout"] = mx.array(rollout_s if s == 0 else 0.0, mx.float32)
+                b["stats"]["count/completion_tokens"] = mx.array(tokens if s == 0 else 0.0, mx.float32)
+                b["index"] = mx.array(np.asarray(mine, dtype=np.int32)[s : s + per_step])
+                batches.append(b)
+            yield from batches
+            once = {"time/rollout": mx.array(0.0), "count/completion_tokens": mx.array(0.0)}
+            for _ in range(reuse - 1):  # mu > 1: the same rows again, their sampling cost already counted
+                yield from ({**b, "stats": {**b["stats"], **once}} for b in batches)
 
     return iterate
 

@@ -220,8 +220,9 @@ def train(
     maybe_set_recommended_wired_limit()
     world = mx.distributed.init()
     rank = world.rank()
-    if args.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
+    if args.grad_checkpoint and not getattr(type(model.layers[0]), "_mlx_dpo_checkpointed", False):
+        grad_checkpoint(model.layers[0])  # patches the layer class: once, or every train() call would nest it
+        type(model.layers[0])._mlx_dpo_checkpointed = True
     accum_steps = args.grad_accumulation_steps
     if accum_steps < 1:
         raise ValueError("grad_accumulation_steps must be at least 1")

@@ -1,0 +1,130 @@
+"""Online DPO as a batch source: prompts -> two samples each -> rewards -> a pair batch.
+
+With ``online: true`` a paired objective (dpo, ipo, hinge, robust, ...) trains on
+the policy's own samples (Guo et al. 2024, "Direct Language Model Alignment from
+Online AI Feedback"): each step samples two completions per prompt from the
+current policy, the reward functions score them, the higher score is chosen
+(ties go to the first sample; ``missing_eos_penalty`` is subtracted from
+completions that did not end), and the batch that comes out is an ordinary pair
+batch, chosen rows then rejected rows, so the paired loss runs unchanged. The
+scores ride along in ``batch["stats"]``; the loss adds TRL's ``objective/*``
+metrics (``objectives.online_metrics``). A resumed run samples what an
+uninterrupted one would have: each step's seed is (seed, step, rank).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .advantages import combine_rewards
+from .batching import pad_batch
+from .data.prompts import Prompt
+from .online import RolloutError, _all_sum, prompt_batches, rollout_seed, score_rollouts
+from .rollout import Completion, SamplingParams, sample_groups
+
+
+@dataclass
+class OnlinePairArgs:
+    """How prompts become pairs (TRL's OnlineDPOConfig names)."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    reward_weights: Optional[Sequence[float]] = None
+    missing_eos_penalty: Optional[float] = None
+    pad_multiple: int = 32  # fewer distinct widths: fewer traces of the compiled step
+    share_prefix: bool = False  # each prompt runs once for its two completions (see prefix.py)
+
+
+def pick_pairs(scores: np.ndarray, finished: np.ndarray, missing_eos_penalty: Optional[float] = None) -> tuple[np.ndarray, np.ndarray]:
+    """For scores (N, 2) of two samples per prompt: which sample is chosen (0 or 1) and the
+    scores used, after ``missing_eos_penalty`` is taken from unfinished samples. The higher
+    score is chosen, ties go to the first sample, and a sample no function scored (NaN)
+    loses to one that was scored."""
+    scores = np.array(scores, dtype=np.float64)
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~np.asarray(finished, bool))
+    ranked = np.where(np.isnan(scores), -np.inf, scores)
+    chosen = np.where(ranked[:, 0] >= ranked[:, 1], 0, 1)
+    return chosen, scores
+
+
+def make_pair_rollout_source(
+    model: nn.Module, tokenizer, reward_funcs: list[tuple[str, Callable]], args: OnlinePairArgs
+) -> Callable[..., Iterator[dict]]:
+    """A batch iterator with ``iterate_batches``' signature whose pairs are fresh samples."""
+    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
+    eos_ids.discard(None)
+    pad_id = tokenizer.eos_token_id or 0
+
+    def pair_batch(chunk: list[Prompt], comps: list[Completion], step_seconds: float) -> dict:
+        rewards = score_rollouts(tokenizer, reward_funcs, chunk, comps, eos_ids)
+        combined = combine_rewards(rewards, args.reward_weights).reshape(-1, 2)
+        finished = np.array([c.finished for c in comps]).reshape(-1, 2)
+        chosen, scores = pick_pairs(combined, finished, args.missing_eos_penalty)
+        examples = []
+        for i, prompt in enumerate(chunk):
+            first, second = comps[2 * i], comps[2 * i + 1]
+            good, bad = (first, second) if chosen[i] == 0 else (second, first)
+            p = len(prompt.ids)
+            examples.append(((prompt.ids + list(good.token_ids), p), (prompt.ids + list(bad.token_ids), p)))
+        batch = pad_batch(examples, pad_id, args.pad_multiple, args.share_prefix)
+        if "logits_from" in batch:  # random prompts, not length-grouped: a coarse start bounds the traces
+            batch["logits_from"] = batch["logits_from"] // args.pad_multiple * args.pad_multiple
+        rows = np.arange(len(chunk))
+        good_scores, bad_scores = scores[rows, chosen], scores[rows, 1 - chosen]
+        lengths = np.array([len(c.token_ids) for c in comps], np.float64)
+        stats = {
+            "objective/scores": np.nanmean(scores) if np.isfinite(scores).any() else 0.0,
+            "objective/scores_margin": np.nanmean(good_scores - bad_scores) if np.isfinite(good_scores - bad_scores).any() else 0.0,
+            "val/contain_eos_token": finished.mean(),
+            "completions/mean_length": lengths.mean(),
+            "time/rollout": step_seconds,
+            "count/completion_tokens": lengths.sum(),
+        }
+        batch["stats"] = {k: mx.array(float(v), mx.float32) for k, v in stats.items()}
+        return batch
+
+    def iterate(
+        prompts: Sequence[Prompt],
+        batch_size: int,
+        loop: bool = False,
+        seed: int = 0,
+        comm_group: Optional[mx.distributed.Group] = None,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        skip: int = 0,
+        **_ignored,
+    ) -> Iterator[dict]:
+        rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+        if batch_size % world:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+        if drop_last and len(prompts) < batch_size:
+            raise ValueError(f"{len(prompts)} prompts, fewer than one batch ({batch_size})")
+        for step, picked in prompt_batches(len(prompts), batch_size, seed, shuffle, drop_last, loop):
+            if step <= skip:
+                continue
+            mine = picked[rank::world]
+            chunk = [prompts[j] for j in mine]
+            tic = time.perf_counter()
+            mx.random.seed(rollout_seed(seed, step, rank))
+            comps = sample_groups(model, [p.ids for p in chunk], 2, args.sampling, eos_ids) if chunk else []
+            # Every rank takes part in the collective, even one whose reward function failed.
+            failure, batch = None, None
+            try:
+                batch = pair_batch(chunk, comps, time.perf_counter() - tic) if chunk else None
+            except RolloutError as e:
+                failure = e
+            if _all_sum(np.array([failure is not None], np.float64), comm_group)[0]:
+                raise failure or RolloutError("a reward function failed on another process (see its output)")
+            if batch is None:
+                continue
+            batch["index"] = mx.array(np.asarray(mine, dtype=np.int32))
+            mx.eval({k: v for k, v in batch.items() if isinstance(v, mx.array)})
+            yield batch
+
+    return iterate
