@@ -120,4 +120,13 @@ def test_shipped_configs_validate():
     files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")) + sorted((Path(__file__).parents[1] / "examples").glob("**/*.yaml"))
     assert files
     for f in files:
+        if f.name.startswith("frontier"):  # a sweep file for mlx_dpo.frontier: each run's config and keys
+            from mlx_dpo.config import read_yaml
+
+            sweep = read_yaml(f)
+            assert set(sweep) <= {"output", "base", "eval", "runs"} and sweep["runs"], f
+            for r in sweep["runs"]:
+                keys = {k: v for k, v in r.items() if k not in ("name", "method", "config")}
+                load_config(["--config", str(f.parents[1] / r["config"])] if r.get("config") else [], overrides=keys)
+            continue
         load_config(["--config", str(f)])

@@ -290,6 +290,15 @@ def test_yaml_snippets_validate(doc):
     for line, body in blocks:
         cfg = yaml.load(body, yaml_loader)
         assert isinstance(cfg, dict) and cfg, f"{doc}:{line}: not a mapping of keys"
+        if "runs" in cfg and "eval" in cfg:  # a sweep file for mlx_dpo.frontier: its runs' keys are config keys
+            assert set(cfg) <= {"output", "base", "eval", "runs"}, f"{doc}:{line}: unknown sweep keys"
+            for r in cfg["runs"]:
+                keys = {k: v for k, v in r.items() if k not in ("name", "method", "config")}
+                try:
+                    merge_config(keys)
+                except ValueError as e:
+                    pytest.fail(f"{doc}:{line}: run {r.get('name')}: {e}")
+            continue
         try:
             merge_config(flatten_trl_block(cfg))  # as load_config reads a file (axolotl's trl: block too)
         except ValueError as e:

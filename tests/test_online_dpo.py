@@ -173,3 +173,21 @@ def test_no_reward_functions_and_a_failing_one_are_one_line(tiny_model_path, pro
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken" in err[0] and "the judge is offline" in err[0], err
+
+
+@pytest.mark.parametrize("name, keys", [("online_dpo", ["--iters", "30"]), ("iterative_dpo", ["--iters", "12"])])
+def test_the_shipped_demo_configs_turn_reviews_positive(tmp_path, monkeypatch, name, keys):
+    """examples/online_dpo.yaml and examples/iterative_dpo.yaml, shortened, on the demo model and its reward."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples" / "demo"))
+    from evaluate import evaluate
+
+    monkeypatch.chdir(root)
+    out = tmp_path / name
+    args = load_config(["--config", str(root / "examples" / f"{name}.yaml"), *keys, "--adapter-path", str(out), "--val-batches", "0"])
+    args.test = False
+    run(args)
+    base, tuned = evaluate(str(root / "examples" / "demo" / "model"), str(out), n=64, seed=1, max_tokens=48)
+    assert tuned["positive"] > base["positive"] + 0.2, (base, tuned)

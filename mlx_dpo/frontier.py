@@ -1,0 +1,222 @@
+"""``python -m mlx_dpo.frontier --config sweep.yaml``: the reward-KL frontier of a sweep of runs.
+
+The DPO paper's Fig. 2 (left) for your own model and reward: several runs (offline
+DPO at several β, online DPO, GRPO, ...) are trained one after the other, each
+checkpoint is evaluated on held-out prompts (mean reward of sampled completions,
+mean sequence KL to the reference estimated from the same samples, mean length),
+and the points go into one table (``frontier.md``, ``frontier.jsonl``) and one
+picture (``frontier.png``: reward against KL, each method's points and its upper
+envelope). A stopped sweep resumes: finished runs are not trained again, a
+stopped run continues from its checkpoint, and evaluated checkpoints are read
+back from ``frontier.jsonl``.
+
+A sweep file::
+
+    output: frontier/demo
+    base: examples/quickstart.yaml        # the config every run starts from
+    eval: {data: examples/demo/prompts, split: test, reward_funcs: ["demo.rewards.positive"],
+           samples: 64, max_tokens: 48, temperature: 1.0, every: 25}
+    runs:
+      - {name: dpo-b0.1, method: offline DPO, beta: 0.1}
+      - {name: online, method: online DPO, config: examples/online_dpo.yaml}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from . import _blas  # noqa: F401  (BLAS preload before mlx)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .config import ConfigError, load_config, read_yaml  # noqa: E402
+from .data import DataError, load_prompt_splits  # noqa: E402
+from .online import score_rollouts  # noqa: E402
+from .rewards import RewardError, load_reward_funcs  # noqa: E402
+from .rollout import SamplingParams, sample_groups  # noqa: E402
+
+EVAL_DEFAULTS = {"split": "test", "samples": 64, "max_tokens": 48, "temperature": 1.0, "every": 25, "reward_weights": None}
+RESULTS, TABLE, PICTURE = "frontier.jsonl", "frontier.md", "frontier.png"
+
+
+def sequence_logps_of(model, prompts: list[list[int]], completions: list[list[int]], batch: int = 32) -> np.ndarray:
+    """Summed log-probs of each completion (its real tokens, EOS included) given its prompt."""
+    from .batching import pad_batch
+    from .prefix import sequence_logps
+
+    out = []
+    for i in range(0, len(prompts), batch):
+        rows = [((p + c, len(p)),) for p, c in zip(prompts[i : i + batch], completions[i : i + batch])]
+        out.append(np.array(sequence_logps(model, pad_batch(rows))[0], np.float64))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def evaluate_policy(model, reference, tokenizer, prompts: Sequence, reward_funcs: list, samples: int,
+                    sampling: SamplingParams, seed: int = 0, reward_weights=None) -> dict:
+    """Mean reward, mean sequence KL(π || π_ref) and mean length of ``samples`` completions, one per
+    prompt (prompts taken in order, cycling), sampled from ``model``. The KL is the sample mean of
+    ``log π(y|x) - log π_ref(y|x)`` over each completion's real tokens: an unbiased estimate."""
+    from .advantages import combine_rewards
+
+    chosen = [prompts[i % len(prompts)] for i in range(samples)]
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
+    eos.discard(None)
+    mx.random.seed(seed)
+    comps = sample_groups(model, [p.ids for p in chosen], 1, sampling, eos)
+    rewards = combine_rewards(score_rollouts(tokenizer, reward_funcs, chosen, comps, eos), reward_weights)
+    ids = [list(c.token_ids) for c in comps]
+    kl = sequence_logps_of(model, [p.ids for p in chosen], ids) - sequence_logps_of(reference, [p.ids for p in chosen], ids)
+    return {"reward": float(np.nanmean(rewards)), "kl": float(kl.mean()), "length": float(np.mean([len(c) for c in ids]))}
+
+
+def upper_envelope(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (kl, reward) no other point beats with less or equal KL: the best reward reachable
+    at each KL budget, in order of KL."""
+    best, out = -np.inf, []
+    for kl, reward in sorted(points, key=lambda p: (p[0], -p[1])):
+        if reward > best:
+            out.append((kl, reward))
+            best = reward
+    return out
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    lines = ["| run | method | step | mean reward | sequence KL (nats) | mean length |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["run"], r["step"])):
+        lines.append(f"| {r['run']} | {r['method']} | {r['step']} | {r['reward']:.3f} | {r['kl']:.3f} | {r['length']:.1f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def draw(rows: list[dict], path: Path, title: str = "Reward against KL from the reference") -> bool:
+    """Each method's points and upper envelope; False (nothing drawn) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    methods = sorted({r["method"] for r in rows})
+    for i, method in enumerate(methods):
+        pts = [(r["kl"], r["reward"]) for r in rows if r["method"] == method]
+        colour = f"C{i}"
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, alpha=0.6, color=colour)
+        env = upper_envelope(pts)
+        ax.plot([p[0] for p in env], [p[1] for p in env], color=colour, label=method, linewidth=1.8)
+    ax.set_xscale("symlog", linthresh=0.1)  # a drifting run's KL spans orders of magnitude (and an estimate can dip below 0)
+    ax.set_xlabel("sequence KL(π || π_ref), nats (sampled; linear below 0.1, log above)")
+    ax.set_ylabel("mean reward of samples")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def run_config(sweep_file: Path, base: Optional[str], run: dict, out: Path, every: int, resume: bool):
+    """The mlx_dpo.lora arguments of one run: its config (or the base), its keys, its folder."""
+    argv = ["--config", str(run.get("config") or base)] if (run.get("config") or base) else []
+    overrides = {k: v for k, v in run.items() if k not in ("name", "method", "config")}
+    overrides.update(adapter_path=str(out), save_every=every, train=True, test=False)
+    if resume:
+        overrides["resume"] = True
+    args = load_config(argv, overrides=overrides)
+    if args.config is None:  # reward functions and loss terms are looked up beside the sweep file
+        args.config = str(sweep_file)
+    return args
+
+
+def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
+    """Train every run not finished yet, evaluate every checkpoint not evaluated yet; the results."""
+    from mlx_lm.utils import load
+
+    from .checkpoint import STATE, load_training_state
+    from .lora import run as lora_run
+
+    train = train or lora_run
+    spec = read_yaml(sweep_file)
+    unknown = set(spec) - {"output", "base", "eval", "runs"}
+    if unknown:
+        raise ConfigError(f"{sweep_file}: unknown key(s) {sorted(unknown)} (expected output, base, eval, runs)")
+    runs, ev = spec.get("runs"), {**EVAL_DEFAULTS, **(spec.get("eval") or {})}
+    if not runs or not all(isinstance(r, dict) and r.get("name") for r in runs):
+        raise ConfigError(f"{sweep_file}: 'runs' must be a list of mappings, each with a name")
+    if len({r["name"] for r in runs}) != len(runs):
+        raise ConfigError(f"{sweep_file}: run names must be distinct")
+    for key in ("data", "reward_funcs"):
+        if not ev.get(key):
+            raise ConfigError(f"{sweep_file}: eval.{key} is required")
+    output = Path(spec.get("output") or sweep_file.with_suffix(""))
+    output.mkdir(parents=True, exist_ok=True)
+    results_path = output / RESULTS
+    results = read_results(results_path)
+    done = {(r["run"], r["step"]) for r in results}
+    here = sweep_file.resolve().parent
+    try:
+        funcs = load_reward_funcs(ev["reward_funcs"], [here, Path.cwd()])
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
+    sampling = SamplingParams(temperature=ev["temperature"], max_tokens=ev["max_tokens"])
+
+    for r in runs:
+        out = output / r["name"]
+        args = run_config(sweep_file, spec.get("base"), r, out, ev["every"], resume=False)
+        state = out / STATE
+        finished = state.is_file() and load_training_state(state)[1] >= args.iters
+        if not finished:
+            if state.is_file():
+                args = run_config(sweep_file, spec.get("base"), r, out, ev["every"], resume=True)
+            print(f"[frontier] training {r['name']} ({args.iters} steps) in {out}", flush=True)
+            train(args)
+        base_model, tokenizer = load(args.model)
+        prompts = load_prompt_splits(ev["data"], tokenizer, args.max_prompt_length, splits=(ev["split"],))[ev["split"]]
+        steps = [0] + sorted(int(p.name[:7]) for p in out.glob("[0-9]" * 7 + "_adapters.safetensors"))
+        for step in steps:
+            if (r["name"], step) in done:
+                continue
+            model = base_model
+            if step:
+                ck = output / ".eval_adapter"
+                ck.mkdir(exist_ok=True)
+                (ck / "adapters.safetensors").write_bytes((out / f"{step:07d}_adapters.safetensors").read_bytes())
+                (ck / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
+                model, _ = load(args.model, adapter_path=str(ck))
+            point = evaluate_policy(model, base_model, tokenizer, prompts, funcs, ev["samples"], sampling,
+                                    seed=args.seed, reward_weights=ev["reward_weights"])
+            row = {"run": r["name"], "method": r.get("method", r["name"]), "step": step, **point}
+            print(f"[frontier] {r['name']} step {step}: reward {point['reward']:.3f}, KL {point['kl']:.3f}, length {point['length']:.1f}", flush=True)
+            results.append(row)
+            done.add((r["name"], step))
+            with open(results_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    write_table(results, output / TABLE)
+    drawn = draw(results, output / PICTURE)
+    print(f"[frontier] {len(results)} points: {output / TABLE}" + (f", {output / PICTURE}" if drawn else " (no matplotlib: no picture)"))
+    return results
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="mlx_dpo.frontier", description="Train a sweep of runs and draw their reward-KL frontier.")
+    p.add_argument("--config", required=True, help="The sweep file (YAML).")
+    args = p.parse_args(argv)
+    try:
+        sweep(Path(args.config))
+    except (ConfigError, DataError) as e:
+        print(f"mlx_dpo.frontier: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
