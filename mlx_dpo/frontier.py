@@ -38,7 +38,7 @@ from .config import ConfigError, load_config, read_yaml  # noqa: E402
 from .data import DataError, load_prompt_splits  # noqa: E402
 from .online import score_rollouts  # noqa: E402
 from .rewards import RewardError, load_reward_funcs  # noqa: E402
-from .rollout import SamplingParams, sample_groups  # noqa: E402
+from .rollout import SamplingParams, eos_ids_of, sample_groups  # noqa: E402
 
 EVAL_DEFAULTS = {"split": "test", "samples": 64, "max_tokens": 48, "temperature": 1.0, "every": 25, "reward_weights": None}
 RESULTS, TABLE, PICTURE = "frontier.jsonl", "frontier.md", "frontier.png"
@@ -64,8 +64,7 @@ def evaluate_policy(model, reference, tokenizer, prompts: Sequence, reward_funcs
     from .advantages import combine_rewards
 
     chosen = [prompts[i % len(prompts)] for i in range(samples)]
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
-    eos.discard(None)
+    eos = eos_ids_of(tokenizer)
     mx.random.seed(seed)
     comps = sample_groups(model, [p.ids for p in chosen], 1, sampling, eos)
     rewards = combine_rewards(score_rollouts(tokenizer, reward_funcs, chosen, comps, eos), reward_weights)
@@ -87,6 +86,13 @@ def upper_envelope(points: Sequence[tuple[float, float]]) -> list[tuple[float, f
 
 def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _append(results: list[dict], path: Path, row: dict) -> None:
+    """One evaluated point, kept in memory and appended to ``frontier.jsonl`` at once (a stop loses nothing)."""
+    results.append(row)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def write_table(rows: list[dict], path: Path) -> None:
@@ -163,6 +169,8 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
     results_path = output / RESULTS
     results = read_results(results_path)
     done = {(r["run"], r["step"]) for r in results}
+    bases: dict = {}  # model path -> (model, tokenizer, prompts)
+    starts: dict = {}  # (model, max_prompt_length, seed) -> the base model's point
     here = sweep_file.resolve().parent
     try:
         funcs = load_reward_funcs(ev["reward_funcs"], [here, Path.cwd()])
@@ -180,11 +188,22 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
                 args = run_config(sweep_file, spec.get("base"), r, out, ev["every"], resume=True)
             print(f"[frontier] training {r['name']} ({args.iters} steps) in {out}", flush=True)
             train(args)
-        base_model, tokenizer = load(args.model)
-        prompts = load_prompt_splits(ev["data"], tokenizer, args.max_prompt_length, splits=(ev["split"],))[ev["split"]]
         steps = [0] + sorted(int(p.name[:7]) for p in out.glob("[0-9]" * 7 + "_adapters.safetensors"))
-        for step in steps:
-            if (r["name"], step) in done:
+        todo = [step for step in steps if (r["name"], step) not in done]
+        if not todo:
+            continue
+        if args.model not in bases:  # each base model (and its prompts) loaded once per sweep
+            base_model, tokenizer = load(args.model)
+            prompts = load_prompt_splits(ev["data"], tokenizer, args.max_prompt_length, splits=(ev["split"],))[ev["split"]]
+            bases[args.model] = base_model, tokenizer, prompts
+        base_model, tokenizer, prompts = bases[args.model]
+        for step in todo:
+            start_key = (args.model, args.max_prompt_length, args.seed)
+            if step == 0 and start_key in starts:  # the same base, prompts and seed: the same point
+                point = starts[start_key]
+                print(f"[frontier] {r['name']} step 0: the base model's point, as evaluated above", flush=True)
+                _append(results, results_path, {"run": r["name"], "method": r.get("method", r["name"]), "step": 0, **point})
+                done.add((r["name"], 0))
                 continue
             model = base_model
             if step:
@@ -195,12 +214,11 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
                 model, _ = load(args.model, adapter_path=str(ck))
             point = evaluate_policy(model, base_model, tokenizer, prompts, funcs, ev["samples"], sampling,
                                     seed=args.seed, reward_weights=ev["reward_weights"])
-            row = {"run": r["name"], "method": r.get("method", r["name"]), "step": step, **point}
+            if step == 0:
+                starts[start_key] = point
             print(f"[frontier] {r['name']} step {step}: reward {point['reward']:.3f}, KL {point['kl']:.3f}, length {point['length']:.1f}", flush=True)
-            results.append(row)
+            _append(results, results_path, {"run": r["name"], "method": r.get("method", r["name"]), "step": step, **point})
             done.add((r["name"], step))
-            with open(results_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
     write_table(results, output / TABLE)
     drawn = draw(results, output / PICTURE)
     print(f"[frontier] {len(results)} points: {output / TABLE}" + (f", {output / PICTURE}" if drawn else " (no matplotlib: no picture)"))

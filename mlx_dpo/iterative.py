@@ -28,10 +28,10 @@ from .advantages import combine_rewards
 from .checkpoint import atomic_save_safetensors
 from .data import DataError, Dataset
 from .data.prompts import Prompt
-from .online import rollout_seed, score_rollouts
+from .online import completion_text, rollout_seed, score_rollouts
 from .progress import Progress
 from .reference import compute_reference_logps
-from .rollout import SamplingParams, sample_groups
+from .rollout import SamplingParams, eos_ids_of, sample_groups
 
 PAIR_SELECTIONS = ("best_worst",)
 REFERENCE_UPDATES = ("base", "per_round")
@@ -67,8 +67,7 @@ def sample_round_pairs(
     args: RoundArgs, round_index: int, split: str = "train", label: Optional[str] = None,
 ) -> list[dict]:
     """One round's pairs from ``prompts``: K samples each, scored, best against worst."""
-    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
-    eos_ids.discard(None)
+    eos_ids = eos_ids_of(tokenizer)
     K = args.samples_per_prompt
     pairs = []
     step = max(1, args.batch_size)
@@ -87,9 +86,10 @@ def sample_round_pairs(
                 if picked is None:
                     continue
                 good, bad = comps[i * K + picked[0]], comps[i * K + picked[1]]
-                text = lambda c: tokenizer.decode([t for t in c.token_ids if t not in eos_ids], skip_special_tokens=True)  # noqa: E731
                 pairs.append({
-                    "prompt": chunk[i].prompt, "chosen": text(good), "rejected": text(bad),
+                    "prompt": chunk[i].prompt,
+                    "chosen": completion_text(tokenizer, good.token_ids, eos_ids),
+                    "rejected": completion_text(tokenizer, bad.token_ids, eos_ids),
                     "score_chosen": float(scores[i, picked[0]]), "score_rejected": float(scores[i, picked[1]]),
                     "prompt_ids": list(chunk[i].ids), "chosen_ids": list(good.token_ids), "rejected_ids": list(bad.token_ids),
                 })

@@ -220,15 +220,29 @@ INHERITED_KEYS = (
 )
 
 
+def sampling_params(args: types.SimpleNamespace) -> SamplingParams:
+    """How every online method samples completions (GRPO, online DPO, iterative DPO's rounds)."""
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+
+
+def user_code_dirs(args: types.SimpleNamespace) -> list[Path]:
+    """Where ``module.function`` files (reward functions, loss terms) are looked for: beside the
+    config file (for ``--test`` alone, also beside the one the adapter was trained with), then in
+    the working directory."""
+    configs = [args.config, getattr(args, "_trained_config", None)]
+    return [Path(c).resolve().parent for c in configs if c] + [Path.cwd()]
+
+
 def find_reward_funcs(args: types.SimpleNamespace) -> list:
     """The reward functions, resolved before any training (a misspelt name fails in the first second);
-    their module files are looked up beside the config file, then in the working directory."""
+    their module files are looked up in ``user_code_dirs``."""
     from .rewards import RewardError, load_reward_funcs
 
     if not args.reward_funcs:
         what = "online: true" if args.online else "rounds" if args.rounds else f"loss_type {args.loss_type}"
         raise ConfigError(f"{what} learns from rewards: set 'reward_funcs' (e.g. [\"rewards.my_reward\"])")
-    dirs = ([Path(args.config).resolve().parent] if args.config else []) + [Path.cwd()]
+    dirs = user_code_dirs(args)
     options = {"max_completion_length": args.max_completion_length, "overlong_buffer": args.overlong_buffer}
     try:
         return load_reward_funcs(args.reward_funcs, dirs, options)
@@ -248,8 +262,7 @@ def online_parts(
     from .online import OnlineArgs, make_online_loss, make_rollout_source, token_reference
 
     funcs = find_reward_funcs(args)
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+    sampling = sampling_params(args)
     online = OnlineArgs(
         num_generations=args.num_generations, num_iterations=args.num_iterations,
         grad_accumulation_steps=args.grad_accumulation_steps, sampling=sampling,
@@ -267,16 +280,13 @@ def online_parts(
 
 def find_loss_terms(args: types.SimpleNamespace) -> list:
     """The configured loss terms, found before anything loads (a misspelt name fails in the first
-    second). Module files are looked up beside the config file (for ``--test`` alone, beside the
-    one the adapter was trained with), then in the working directory."""
+    second). Module files are looked up in ``user_code_dirs``."""
     if not args.loss_terms:
         return []
     from .loss_terms import load_loss_terms
 
-    configs = [args.config, getattr(args, "_trained_config", None)]
-    dirs = [Path(c).resolve().parent for c in configs if c] + [Path.cwd()]
     try:
-        return load_loss_terms(args.loss_terms, dirs)
+        return load_loss_terms(args.loss_terms, user_code_dirs(args))
     except LossTermError as e:
         raise ConfigError(str(e)) from None
 
@@ -286,8 +296,7 @@ def online_pair_source(args: types.SimpleNamespace, model: nn.Module, tokenizer,
     from .online_pairs import OnlinePairArgs, make_pair_rollout_source
 
     funcs = find_reward_funcs(args)
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+    sampling = sampling_params(args)
     online = OnlinePairArgs(sampling=sampling, reward_weights=args.reward_weights,
                             missing_eos_penalty=args.missing_eos_penalty, share_prefix=share)
     return make_pair_rollout_source(model, tokenizer, funcs, online)
@@ -303,8 +312,7 @@ class RoundsRun:
         self.args, self.model, self.tokenizer, self.sets = args, model, tokenizer, sets
         self.base_reference, self.pad_id, self.chunk = base_reference, pad_id, chunk
         self.funcs = find_reward_funcs(args)
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                  min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+        sampling = sampling_params(args)
         self.round_args = RoundArgs(samples_per_prompt=args.samples_per_prompt, pair_selection=args.pair_selection,
                                     sampling=sampling, reward_weights=args.reward_weights,
                                     missing_eos_penalty=args.missing_eos_penalty,

@@ -29,7 +29,7 @@ from .policy_losses import grpo_loss
 from .prefix import sequence_token_logps, shared_prefix_fields, with_shared_prefix
 from .reference import adapters_disabled
 from .rewards import RewardError, score_completions
-from .rollout import Completion, SamplingParams, sample_groups
+from .rollout import Completion, SamplingParams, eos_ids_of, sample_groups
 from .trainer import BatchSourceError
 
 TokenLogpsFn = Callable[[dict], mx.array]  # batch -> per-token log-probs, aligned with its response mask
@@ -96,7 +96,7 @@ def score_rollouts(
     ``RolloutError`` naming the function."""
     prompts = [chunk[c.prompt_index].prompt for c in completions]
     ids = [list(c.token_ids) for c in completions]
-    texts = [tokenizer.decode([t for t in c if t not in eos_ids], skip_special_tokens=True) for c in ids]
+    texts = [completion_text(tokenizer, c, eos_ids) for c in ids]
     conversational = [isinstance(p, list) for p in prompts]
     shown = [[{"role": "assistant", "content": t}] if conv else t for t, conv in zip(texts, conversational)]
     keys = sorted({k for p in chunk for k in p.columns})
@@ -105,6 +105,43 @@ def score_rollouts(
         return score_completions(reward_funcs, prompts, shown, ids, columns)
     except RewardError as e:
         raise RolloutError(str(e)) from None
+
+
+def completion_text(tokenizer, ids: Sequence[int], eos_ids: set) -> str:
+    """A sampled completion as the reward functions read it: decoded, without EOS or special tokens."""
+    return tokenizer.decode([t for t in ids if t not in eos_ids], skip_special_tokens=True)
+
+
+def process_ranks(comm_group: Optional[mx.distributed.Group], batch_size: int) -> tuple[int, int]:
+    """``(rank, world)``; a batch that cannot be split evenly over the processes is a ValueError."""
+    rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+    return rank, world
+
+
+def sampled_generations(
+    model: nn.Module, prompts: Sequence[Prompt], per_generation: int, num_generations: int, sampling: SamplingParams,
+    eos_ids: set, seed: int, shuffle: bool, drop_last: bool, loop: bool, skip: int, rank: int, world: int,
+) -> Iterator[tuple[int, np.ndarray, list[Prompt], list[Completion], float]]:
+    """``(generation, this rank's prompt indices, its prompts, their completions, sampling seconds)``
+    for each generation batch after the first ``skip``; each is seeded from (seed, generation, rank),
+    so a resumed run samples what an uninterrupted one would have."""
+    for generation, picked in prompt_batches(len(prompts), per_generation, seed, shuffle, drop_last, loop):
+        if generation <= skip:
+            continue
+        mine = picked[rank::world]
+        chunk = [prompts[j] for j in mine]
+        tic = time.perf_counter()
+        mx.random.seed(rollout_seed(seed, generation, rank))
+        comps = sample_groups(model, [p.ids for p in chunk], num_generations, sampling, eos_ids) if chunk else []
+        yield generation, mine, chunk, comps, time.perf_counter() - tic
+
+
+def raise_if_any_failed(failure: Optional[RolloutError], comm_group: Optional[mx.distributed.Group]) -> None:
+    """A collective every rank joins, failed or not: this rank's failure, or one on another rank, is raised."""
+    if _all_sum(np.array([failure is not None], np.float64), comm_group)[0]:
+        raise failure or RolloutError("a reward function failed on another process (see its output)")
 
 
 def prompt_batches(
@@ -137,8 +174,7 @@ def make_rollout_source(
     reference: Optional[TokenLogpsFn] = None,
 ) -> Callable[..., Iterator[dict]]:
     """A batch iterator with ``iterate_batches``' signature whose batches are fresh rollouts."""
-    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
-    eos_ids.discard(None)
+    eos_ids = eos_ids_of(tokenizer)
     names = [name for name, _ in reward_funcs]
     G, mu = args.num_generations, args.num_iterations
     temperature = args.sampling.temperature if args.sampling.temperature > 0 else 1.0
@@ -186,9 +222,7 @@ def make_rollout_source(
         skip: int = 0,
         **_ignored,
     ) -> Iterator[dict]:
-        rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
-        if batch_size % world:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+        rank, world = process_ranks(comm_group, batch_size)
         accum = args.grad_accumulation_steps if loop else 1
         reuse = mu if loop else 1
         per_generation = batch_size * accum  # prompts over all ranks
@@ -197,16 +231,9 @@ def make_rollout_source(
         steps_per_generation = accum * reuse
         if skip % steps_per_generation:
             raise ValueError(f"cannot resume at step {skip}: not a multiple of {steps_per_generation} (a generation batch)")
-        skip_generations = skip // steps_per_generation
-        for generation, picked in prompt_batches(len(prompts), per_generation, seed, shuffle, drop_last, loop):
-            if generation <= skip_generations:
-                continue
-            mine = picked[rank::world]
-            chunk = [prompts[j] for j in mine]
-            tic = time.perf_counter()
-            mx.random.seed(rollout_seed(seed, generation, rank))
-            comps = sample_groups(model, [p.ids for p in chunk], G, args.sampling, eos_ids) if chunk else []
-            rollout_s = time.perf_counter() - tic
+        generations = sampled_generations(model, prompts, per_generation, G, args.sampling, eos_ids, seed, shuffle,
+                                          drop_last, loop, skip // steps_per_generation, rank, world)
+        for _, mine, chunk, comps, rollout_s in generations:
             # Every rank takes part in every collective below, in the same order, even with
             # no prompts (a short last evaluation batch) or a failed reward function.
             failure = None
@@ -214,9 +241,7 @@ def make_rollout_source(
                 rewards = score(chunk, comps) if chunk else np.zeros((0, len(names)))
             except RolloutError as e:
                 failure, rewards = e, np.zeros((0, len(names)))
-            failed = _all_sum(np.array([failure is not None], np.float64), comm_group)[0]
-            if failed:
-                raise failure or RolloutError("a reward function failed on another process (see its output)")
+            raise_if_any_failed(failure, comm_group)
             combined = combine_rewards(rewards, args.reward_weights)
             batch_std = _global_std(combined, comm_group) if args.scale_rewards == "batch" else None
             kept = [len(c.token_ids) for c in comps if c.finished or not args.mask_truncated_completions]

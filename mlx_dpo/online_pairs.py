@@ -14,7 +14,6 @@ uninterrupted one would have: each step's seed is (seed, step, rank).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -25,8 +24,8 @@ import numpy as np
 from .advantages import combine_rewards
 from .batching import pad_batch
 from .data.prompts import Prompt
-from .online import RolloutError, _all_sum, prompt_batches, rollout_seed, score_rollouts
-from .rollout import Completion, SamplingParams, sample_groups
+from .online import RolloutError, process_ranks, raise_if_any_failed, sampled_generations, score_rollouts
+from .rollout import Completion, SamplingParams, eos_ids_of
 
 
 @dataclass
@@ -57,8 +56,7 @@ def make_pair_rollout_source(
     model: nn.Module, tokenizer, reward_funcs: list[tuple[str, Callable]], args: OnlinePairArgs
 ) -> Callable[..., Iterator[dict]]:
     """A batch iterator with ``iterate_batches``' signature whose pairs are fresh samples."""
-    eos_ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
-    eos_ids.discard(None)
+    eos_ids = eos_ids_of(tokenizer)
     pad_id = tokenizer.eos_token_id or 0
 
     def pair_batch(chunk: list[Prompt], comps: list[Completion], step_seconds: float) -> dict:
@@ -100,27 +98,19 @@ def make_pair_rollout_source(
         skip: int = 0,
         **_ignored,
     ) -> Iterator[dict]:
-        rank, world = (comm_group.rank(), comm_group.size()) if comm_group is not None else (0, 1)
-        if batch_size % world:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+        rank, world = process_ranks(comm_group, batch_size)
         if drop_last and len(prompts) < batch_size:
             raise ValueError(f"{len(prompts)} prompts, fewer than one batch ({batch_size})")
-        for step, picked in prompt_batches(len(prompts), batch_size, seed, shuffle, drop_last, loop):
-            if step <= skip:
-                continue
-            mine = picked[rank::world]
-            chunk = [prompts[j] for j in mine]
-            tic = time.perf_counter()
-            mx.random.seed(rollout_seed(seed, step, rank))
-            comps = sample_groups(model, [p.ids for p in chunk], 2, args.sampling, eos_ids) if chunk else []
+        steps = sampled_generations(model, prompts, batch_size, 2, args.sampling, eos_ids, seed, shuffle, drop_last,
+                                    loop, skip, rank, world)
+        for _, mine, chunk, comps, seconds in steps:
             # Every rank takes part in the collective, even one whose reward function failed.
             failure, batch = None, None
             try:
-                batch = pair_batch(chunk, comps, time.perf_counter() - tic) if chunk else None
+                batch = pair_batch(chunk, comps, seconds) if chunk else None
             except RolloutError as e:
                 failure = e
-            if _all_sum(np.array([failure is not None], np.float64), comm_group)[0]:
-                raise failure or RolloutError("a reward function failed on another process (see its output)")
+            raise_if_any_failed(failure, comm_group)
             if batch is None:
                 continue
             batch["index"] = mx.array(np.asarray(mine, dtype=np.int32))

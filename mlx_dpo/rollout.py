@@ -56,6 +56,13 @@ class Completion:
     finished: bool  # True iff it ended with an EOS token (False = hit max_tokens)
 
 
+def eos_ids_of(tokenizer) -> set[int]:
+    """Every id that ends a completion: the tokenizer's EOS and any others it lists."""
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
+    ids.discard(None)
+    return ids
+
+
 def _check(params: SamplingParams) -> None:
     if not params.temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {params.temperature}")

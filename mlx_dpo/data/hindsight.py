@@ -15,6 +15,7 @@ from typing import Optional
 
 from .build import build_pairs_tokens
 from .core import DataError, Dataset
+from .tokenize import _eos_ids
 
 COH_POSITIVE = "A helpful answer: "
 COH_NEGATIVE = " An unhelpful answer: "
@@ -80,8 +81,7 @@ def build_coh(
         raise DataError(f"coh_positive and coh_negative must be two different non-empty phrases, not {positive!r} and {negative!r}")
     pos = tokenizer.encode(positive, add_special_tokens=False)
     neg = tokenizer.encode(negative, add_special_tokens=False)
-    eos = set(getattr(tokenizer, "eos_token_ids", None) or ()) | {tokenizer.eos_token_id}
-    eos |= set(getattr(tokenizer, "all_special_ids", None) or ())  # e.g. ChatML's <|im_end|>
+    eos = _eos_ids(tokenizer) | set(getattr(tokenizer, "all_special_ids", None) or ())  # e.g. ChatML's <|im_end|>
     triples, stats = build_pairs_tokens(records, tokenizer, data_format, options)
     out = {"examples": 0, "pairs": 0, "truncated": 0, "dropped_long_prompt": 0,
            **{k: v for k, v in stats.items() if k.startswith("dropped")}}
