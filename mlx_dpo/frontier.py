@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -36,9 +38,11 @@ import numpy as np  # noqa: E402
 
 from .config import ConfigError, load_config, read_yaml  # noqa: E402
 from .data import DataError, load_prompt_splits  # noqa: E402
-from .online import score_rollouts  # noqa: E402
+from .loss_terms import LossTermError  # noqa: E402
+from .online import RolloutError, score_rollouts  # noqa: E402
 from .rewards import RewardError, load_reward_funcs  # noqa: E402
 from .rollout import SamplingParams, eos_ids_of, sample_groups  # noqa: E402
+from .trainer import BatchSourceError, NonFiniteError, TrainingInterrupted  # noqa: E402
 
 EVAL_DEFAULTS = {"split": "test", "samples": 64, "max_tokens": 48, "temperature": 1.0, "every": 25, "reward_weights": None}
 RESULTS, TABLE, PICTURE = "frontier.jsonl", "frontier.md", "frontier.png"
@@ -85,7 +89,19 @@ def upper_envelope(points: Sequence[tuple[float, float]]) -> list[tuple[float, f
 
 
 def read_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """The points evaluated so far; a last line cut short by a stop mid-write is dropped (it is evaluated again)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ConfigError(f"{path}: line {i + 1} is not JSON; delete the line (or the file) to evaluate it again") from None
+            tmp = path.with_suffix(".tmp")  # rewritten without it, atomically: a second stop here loses nothing
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, path)
+    return rows
 
 
 def _append(results: list[dict], path: Path, row: dict) -> None:
@@ -187,7 +203,10 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
             if state.is_file():
                 args = run_config(sweep_file, spec.get("base"), r, out, ev["every"], resume=True)
             print(f"[frontier] training {r['name']} ({args.iters} steps) in {out}", flush=True)
-            train(args)
+            try:
+                train(args)
+            except (BatchSourceError, LossTermError) as e:  # a reward function or loss term failed: name the run
+                raise type(e)(f"training {r['name']}: {e}") from None
         steps = [0] + sorted(int(p.name[:7]) for p in out.glob("[0-9]" * 7 + "_adapters.safetensors"))
         todo = [step for step in steps if (r["name"], step) not in done]
         if not todo:
@@ -212,8 +231,11 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
                 (ck / "adapters.safetensors").write_bytes((out / f"{step:07d}_adapters.safetensors").read_bytes())
                 (ck / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
                 model, _ = load(args.model, adapter_path=str(ck))
-            point = evaluate_policy(model, base_model, tokenizer, prompts, funcs, ev["samples"], sampling,
-                                    seed=args.seed, reward_weights=ev["reward_weights"])
+            try:
+                point = evaluate_policy(model, base_model, tokenizer, prompts, funcs, ev["samples"], sampling,
+                                        seed=args.seed, reward_weights=ev["reward_weights"])
+            except RolloutError as e:
+                raise RolloutError(f"evaluating {r['name']} at step {step}: {e}") from None
             if step == 0:
                 starts[start_key] = point
             print(f"[frontier] {r['name']} step {step}: reward {point['reward']:.3f}, KL {point['kl']:.3f}, length {point['length']:.1f}", flush=True)
@@ -225,15 +247,31 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
     return results
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    """Run the sweep; errors and stops end in one line (exit 2, 3 or 128 + signal), never a traceback."""
     p = argparse.ArgumentParser(prog="mlx_dpo.frontier", description="Train a sweep of runs and draw their reward-KL frontier.")
     p.add_argument("--config", required=True, help="The sweep file (YAML).")
     args = p.parse_args(argv)
+    again = f"run the same command to resume: {sys.executable} -m mlx_dpo.frontier --config {shlex.quote(args.config)}"
     try:
         sweep(Path(args.config))
-    except (ConfigError, DataError) as e:
-        print(f"mlx_dpo.frontier: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (ConfigError, DataError, BatchSourceError, LossTermError) as e:
+        print(f"mlx_dpo.frontier: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"mlx_dpo.frontier: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(3)
+    except TrainingInterrupted as e:  # the trainer saved a checkpoint before stopping
+        print(f"mlx_dpo.frontier: stopped by signal {e.signum} after step {e.step} (checkpoint in {e.checkpoint.parent}); {again}",
+              file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # loading, sampling or evaluating: checkpoints and every point evaluated so far are kept
+        print(f"mlx_dpo.frontier: stopped (Ctrl-C); the points evaluated so far are kept; {again}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

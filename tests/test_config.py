@@ -117,16 +117,21 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
 def test_shipped_configs_validate():
     from pathlib import Path
 
-    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")) + sorted((Path(__file__).parents[1] / "examples").glob("**/*.yaml"))
-    assert files
-    for f in files:
-        if f.name.startswith("frontier"):  # a sweep file for mlx_dpo.frontier: each run's config and keys
-            from mlx_dpo.config import read_yaml
+    from mlx_dpo.config import read_yaml
 
-            sweep = read_yaml(f)
-            assert set(sweep) <= {"output", "base", "eval", "runs"} and sweep["runs"], f
-            for r in sweep["runs"]:
+    root = Path(__file__).parents[1]
+    files = sorted((root / "configs").glob("*.yaml")) + sorted((root / "examples").glob("**/*.yaml"))
+    assert files
+    sweeps = 0
+    for f in files:
+        spec = read_yaml(f)
+        if "runs" in spec and "eval" in spec:  # a sweep file for mlx_dpo.frontier: each run's config (or the base) and keys
+            assert set(spec) <= {"output", "base", "eval", "runs"} and spec["runs"], f
+            for r in spec["runs"]:
                 keys = {k: v for k, v in r.items() if k not in ("name", "method", "config")}
-                load_config(["--config", str(f.parents[1] / r["config"])] if r.get("config") else [], overrides=keys)
+                config = r.get("config") or spec.get("base")
+                load_config(["--config", str(root / config)] if config else [], overrides=keys)
+            sweeps += 1
             continue
         load_config(["--config", str(f)])
+    assert sweeps >= 2  # the demo's and the real model's

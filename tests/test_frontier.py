@@ -1,5 +1,7 @@
 """The frontier command: the evaluation's reward and KL against float64 NumPy, the envelope, a small
-sweep of two methods end to end (table, picture), and a resumed sweep that redoes nothing."""
+sweep of two methods end to end (table, picture), a resumed sweep that redoes nothing, and stops and
+failures (Ctrl-C while evaluating or training, a failing reward function, NaN) that end in one line
+and resume."""
 
 import json
 
@@ -124,3 +126,132 @@ def test_a_bad_sweep_file_is_one_line(tmp_path, capsys):
     with pytest.raises(ConfigError, match="run names must be distinct"):
         path.write_text(json.dumps({"runs": [{"name": "a"}, {"name": "a"}], "eval": {"data": "x", "reward_funcs": ["r.f"]}}))
         sweep(path)
+
+
+def test_a_stop_while_evaluating_is_one_line_and_the_sweep_resumes(tiny_model_path, sweep_data, tmp_path, monkeypatch, capsys):
+    import mlx_dpo.frontier as frontier
+
+    monkeypatch.chdir(sweep_data)
+    out = tmp_path / "stopped"
+    path = write_sweep(sweep_data, tiny_model_path, out)
+    real, calls = frontier.evaluate_policy, []
+
+    def stopped_at_the_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(frontier, "evaluate_policy", stopped_at_the_third)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 130 and len(err.splitlines()) == 1
+    assert "points evaluated so far are kept" in err and "--config" in err
+    kept = frontier.read_results(out / "frontier.jsonl")
+    assert [(r["run"], r["step"]) for r in kept] == [("dpo", 0), ("dpo", 2)]
+    # a stop in the middle of writing a point leaves half a line: it is dropped and evaluated again
+    with open(out / "frontier.jsonl", "a") as f:
+        f.write('{"run": "dpo", "st')
+    assert frontier.read_results(out / "frontier.jsonl") == kept
+    monkeypatch.setattr(frontier, "evaluate_policy", real)
+    trained = []
+
+    def train_online_only(args):
+        trained.append(args.adapter_path)
+        from mlx_dpo.lora import run
+
+        return run(args)
+
+    rows = sweep(path, train=train_online_only)
+    assert trained == [str(out / "online")]  # the finished run is not trained again
+    assert sorted((r["run"], r["step"]) for r in rows) == [("dpo", 0), ("dpo", 2), ("dpo", 4), ("online", 0), ("online", 2), ("online", 4)]
+    assert rows[:2] == kept
+
+
+def test_a_stop_or_failure_while_training_is_one_line_naming_the_run(tiny_model_path, sweep_data, tmp_path, monkeypatch, capsys):
+    import mlx_dpo.lora as lora
+    from mlx_dpo.online import RolloutError
+    from mlx_dpo.trainer import NonFiniteError, TrainingInterrupted
+
+    monkeypatch.chdir(sweep_data)
+    path = write_sweep(sweep_data, tiny_model_path, tmp_path / "t")
+
+    def interrupted(args):
+        raise TrainingInterrupted(2, 2, tmp_path / "t" / "dpo" / "adapters.safetensors")
+
+    monkeypatch.setattr(lora, "run", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 130 and len(err.splitlines()) == 1 and "after step 2" in err and "resume" in err
+
+    def failed(args):
+        raise RolloutError("reward function 'f' raised ZeroDivisionError: division by zero")
+
+    monkeypatch.setattr(lora, "run", failed)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2
+    assert err == "mlx_dpo.frontier: error: training dpo: reward function 'f' raised ZeroDivisionError: division by zero"
+
+    def diverged(args):
+        raise NonFiniteError(3, [0, 1], None)
+
+    monkeypatch.setattr(lora, "run", diverged)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 3 and len(err.splitlines()) == 1 and "non-finite loss or gradient at step 3" in err
+
+
+def test_ctrl_c_in_a_real_sweep_ends_in_one_line_and_the_same_command_resumes(tiny_model_path, sweep_data, tmp_path):
+    """A real SIGINT while the second run trains (or loads): exit 130, one line, no traceback; the
+    same command then finishes the sweep without training the first run again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    out = tmp_path / "ctrl_c"
+    path = write_sweep(sweep_data, tiny_model_path, out)
+    cmd = [sys.executable, "-m", "mlx_dpo.frontier", "--config", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=sweep_data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even where pytest ignores SIGINT
+    watchdog = threading.Timer(300, proc.kill)  # a child that never prints the line fails the test, not hangs it
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if "[frontier] training online" in line:
+                proc.send_signal(signal.SIGINT)  # at once: the tiny run could finish within a second
+                break
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        watchdog.cancel()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("mlx_dpo.frontier: stopped")
+    again = subprocess.run(cmd, cwd=sweep_data, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "training dpo" not in again.stdout
+    rows = [json.loads(x) for x in (out / "frontier.jsonl").read_text().splitlines()]
+    assert sorted((r["run"], r["step"]) for r in rows) == [("dpo", 0), ("dpo", 2), ("dpo", 4), ("online", 0), ("online", 2), ("online", 4)]
+
+
+def test_a_reward_function_failing_in_evaluation_is_one_line_and_keeps_the_training(tiny_model_path, sweep_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(sweep_data)
+    (sweep_data / "broken.py").write_text("def reward(completions, **kwargs):\n    return [1 / 0 for _ in completions]\n")
+    out = tmp_path / "broken"
+    path = write_sweep(sweep_data, tiny_model_path, out)
+    spec = json.loads(path.read_text())
+    spec["eval"]["reward_funcs"] = ["broken.reward"]
+    spec["runs"] = spec["runs"][:1]
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("mlx_dpo.frontier: error:") and "evaluating dpo at step 0: reward function 'reward' raised ZeroDivisionError" in err
+    assert (out / "dpo" / "0000004_adapters.safetensors").is_file()  # the trained run stays for the next call

