@@ -1,0 +1,219 @@
+"""mlx-dpo against TRL's DPOTrainer: the same model, pairs, LoRA and lengths, one after the other.
+
+    python benchmarks/compare_trl.py [--model DIR] [--steps 12] [--shapes long,short] [--trl-venv DIR]
+
+Both tools train DPO (sigmoid loss, beta 0.1) with LoRA rank 8, alpha 16 (mlx-lm's ``scale``
+2.0) on every linear layer of the model, in float32 on the CPU, 2 pairs a step, sequences cut at
+256 tokens, the reference being the adapter-disabled base (TRL's default with PEFT, mlx-dpo's
+default with LoRA), one epoch over ``2 x steps`` pairs. TRL runs in a virtual environment of
+its own (``--trl-venv``, made on first use: ``torch==2.13.0`` and ``trl peft transformers
+datasets accelerate`` from the package index); nothing of it is a dependency of mlx-dpo.
+
+The pairs are real text in two shapes, from the movie-review sentences of ``vadersentiment``'s
+source distribution (as ``examples/real`` fetches them):
+
+- ``long``: hh-rlhf's shape, a dialogue prompt (``Human:``/``Assistant:`` turns, 4 sentences)
+  about twice as long as each answer (2 sentences);
+- ``short``: a one-line instruction and answers of 1-2 sentences.
+
+Reported per tool and shape: the median step time and the steady throughput in non-padding
+tokens per second (the prompt counted with each answer, as TRL's batch holds it: mean tokens of
+a step over the epoch / mean time of a step after ``--warmup`` steps), and the process's peak
+RSS; then mlx-dpo's ratio. The model defaults to SmolLM2-135M-Instruct as ``examples/real/run.py``
+converts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_PACKAGES = ["torch==2.13.0", "trl", "peft", "transformers", "datasets", "accelerate"]
+LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+# Runs inside TRL's venv: argv[1] is a JSON of settings; prints one JSON line of results.
+TRL_SCRIPT = r'''
+import json, resource, sys, time
+import torch
+from datasets import load_dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+s = json.loads(sys.argv[1])
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(s["model"])
+model = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
+data = load_dataset("json", data_files=s["data"], split="train")
+times, tokens = [], []
+
+class Timer(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kw):
+        self.t = time.perf_counter()
+    def on_step_end(self, args, state, control, **kw):
+        times.append(time.perf_counter() - self.t)
+
+class Counting(DPOTrainer):
+    def training_step(self, model, inputs, *a, **kw):
+        tokens.append(int(inputs["attention_mask"].sum()))
+        return super().training_step(model, inputs, *a, **kw)
+
+cfg = DPOConfig(output_dir=s["out"], per_device_train_batch_size=2, max_steps=s["steps"], learning_rate=5e-6,
+                beta=0.1, max_length=256, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                gradient_checkpointing=False, seed=0, bf16=False, fp16=False, dataloader_num_workers=0)
+peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+trainer = Counting(model=model, args=cfg, train_dataset=data, processing_class=tok, peft_config=peft, callbacks=[Timer()])
+trainer.train()
+losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+print(json.dumps({"times": times, "tokens": tokens, "losses": losses,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "version": __import__("trl").__version__}))
+'''
+
+# Runs mlx_dpo.lora in a child process and reports its peak RSS the same way.
+MLX_SCRIPT = r'''
+import json, resource, runpy, sys
+sys.argv = ["mlx_dpo.lora", "--config", sys.argv[1]]
+try:
+    runpy.run_module("mlx_dpo.lora", run_name="__main__")
+finally:
+    print("PEAK_RSS_GB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+'''
+
+
+def review_sentences() -> list[str]:
+    """The rated movie-review sentences (downloaded once into examples/real/work)."""
+    sys.path.insert(0, str(ROOT / "examples" / "real"))
+    from prefixes import review_sentences as read
+
+    return read(ROOT / "examples" / "real" / "work")
+
+
+def make_pairs(sentences: list[str], shape: str, n: int, seed: int = 0) -> list[dict]:
+    """``n`` prompt/chosen/rejected records of real sentences in the given shape."""
+    rng = random.Random(seed)
+
+    def pick(k: int) -> str:
+        return " ".join(rng.choice(sentences) for _ in range(k))
+
+    pairs = []
+    for _ in range(n):
+        if shape == "long":
+            prompt = f"\n\nHuman: {pick(2)}\n\nAssistant: {pick(1)}\n\nHuman: {pick(1)}\n\nAssistant:"
+            pairs.append({"prompt": prompt, "chosen": " " + pick(2), "rejected": " " + pick(2)})
+        else:
+            want = rng.choice(["positive", "negative"])
+            pairs.append({"prompt": f"Write a {want} movie review.", "chosen": " " + pick(rng.randint(1, 2)),
+                          "rejected": " " + pick(rng.randint(1, 2))})
+    return pairs
+
+
+def trl_python(venv: Path) -> Path:
+    """The venv's python, the venv made (with TRL and its stack) if it is not there yet."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"making TRL's venv in {venv} (once; a few minutes)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_PACKAGES], check=True)
+    return python
+
+
+def steady(times: list[float], tokens_per_step: float, warmup: int) -> dict:
+    """Median step time and tokens/s after the warm-up steps."""
+    kept = times[warmup:] or times
+    return {"median_step_s": statistics.median(kept), "tokens_per_s": tokens_per_step / statistics.mean(kept),
+            "tokens_per_step": tokens_per_step}
+
+
+def run_trl(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
+    settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "trl")}
+    done = subprocess.run([str(python), "-c", TRL_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"TRL failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**steady(out["times"], statistics.mean(out["tokens"]), warmup), "peak_rss_gb": out["peak_rss_gb"],
+            "losses": out["losses"], "tool": f"TRL {out['version']}"}
+
+
+def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, real_tokens: float) -> dict:
+    config = {
+        "model": model, "data": str(data_dir), "train": True, "test": False, "loss_type": "dpo", "beta": 0.1,
+        "fine_tune_type": "lora", "num_layers": -1,
+        "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": LORA_KEYS},
+        "optimizer": "adam", "learning_rate": 5e-6, "batch_size": 2, "iters": steps, "max_seq_length": 256,
+        "steps_per_report": 1, "steps_per_eval": 10**6, "val_batches": 0, "save_every": 10**6,
+        "adapter_path": str(work / "mlx"), "seed": 0,
+    }
+    path = work / "mlx.json"
+    path.write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-c", MLX_SCRIPT, str(path)], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"mlx-dpo failed:\n{done.stderr[-3000:]}")
+    rss = float(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_GB")))
+    rows = [json.loads(x) for x in (work / "mlx" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split") == "train"]
+    times = [1.0 / r["iterations_per_second"] for r in train]
+    return {**steady(times, real_tokens, warmup), "peak_rss_gb": rss, "losses": [r["loss"] for r in train], "tool": "mlx-dpo"}
+
+
+def real_tokens_per_step(pairs: list[dict], model: str, steps: int) -> float:
+    """Mean non-padding tokens of a step over the epoch (prompt + answer for each answer, cut at 256)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    total = 0
+    for p in pairs:
+        prompt = len(tok(p["prompt"])["input_ids"])
+        for answer in (p["chosen"], p["rejected"]):
+            total += min(256, prompt + len(tok(answer)["input_ids"]) + 1)  # + EOS
+    return total / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(ROOT / "examples" / "real" / "work" / "smollm2-135m-instruct"))
+    p.add_argument("--steps", type=int, default=12, help="Steps per tool and shape (2 pairs each: one epoch).")
+    p.add_argument("--warmup", type=int, default=2, help="Steps left out of the steady figures.")
+    p.add_argument("--shapes", default="long,short")
+    p.add_argument("--trl-venv", default=str(ROOT / "benchmarks" / ".trl-venv"))
+    p.add_argument("--tools", default="trl,mlx", help="Which tools to run (trl, mlx or both).")
+    args = p.parse_args()
+    sentences = review_sentences()
+    python = trl_python(Path(args.trl_venv)) if "trl" in args.tools else None
+    table = []
+    for shape in args.shapes.split(","):
+        pairs = make_pairs(sentences, shape, 2 * args.steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            (work / "data").mkdir()
+            (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
+            per_step = real_tokens_per_step(pairs, args.model, args.steps)
+            for tool in args.tools.split(","):
+                print(f"[compare_trl] {shape} prompts: {tool}, {args.steps} steps", flush=True)
+                if tool == "trl":
+                    row = run_trl(python, args.model, work / "data" / "train.jsonl", args.steps, args.warmup, work)
+                else:
+                    row = run_mlx(args.model, work / "data", args.steps, args.warmup, work, per_step)
+                table.append({"shape": shape, **row})
+    print("\n| shape | tool | tokens a step | median step (s) | non-padding tokens/s | peak RSS (GB) | first loss |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['shape']} | {r['tool']} | {r['tokens_per_step']:.0f} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.1f} "
+              f"| {r['peak_rss_gb']:.2f} | {r['losses'][0]:.4f} |")
+    for shape in args.shapes.split(","):
+        rows = {r["tool"].split()[0]: r for r in table if r["shape"] == shape}
+        if "TRL" in rows and "mlx-dpo" in rows:
+            t, m = rows["TRL"], rows["mlx-dpo"]
+            print(f"{shape}: mlx-dpo / TRL tokens/s {m['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+                  f"peak RSS {m['peak_rss_gb'] / t['peak_rss_gb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
