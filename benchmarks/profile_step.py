@@ -10,6 +10,7 @@ forward and backward as the step runs them. The remainder is what the parts do n
 
     python benchmarks/profile_step.py                       # the default bench_dpo model and shape
     python benchmarks/profile_step.py --shape prompt-heavy --shared
+    python benchmarks/profile_step.py --model examples/real/work/smollm2-135m-instruct --batch-size 2 --shared
 
 A second table gives the rates of the log-softmax's element-wise ops on the step's logits, and
 how many cores each keeps busy (CPU seconds per wall second).
@@ -70,12 +71,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", default=None, help="An mlx-lm model folder (default: bench_dpo's random Llama).")
     args = p.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = make_model(Path(tmp) / "m", hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408,
-                          vocab_size=32000, tokenizer_vocab=512)
-        model, _ = load(str(path))
+    if args.model:
+        model, _ = load(args.model)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_model(Path(tmp) / "m", hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1408,
+                              vocab_size=32000, tokenizer_vocab=512)
+            model, _ = load(str(path))
     model.set_dtype(mx.float32)
     model.freeze()
     linear_to_lora_layers(model, -1, {"rank": 8, "scale": 20.0, "dropout": 0.0})
@@ -180,7 +185,8 @@ def main() -> None:
     parts = {name: median_time(make(), args.repeats) for name, make in
              (("linear-layer GEMMs", gemms), ("attention", attention), ("norms + element-wise", norms_elementwise),
               ("vocabulary projection + log-softmax", head))}
-    print(f"\nDPO step, default bench_dpo model (8 layers, hidden 512, vocab 32k, float32, LoRA r8 all linears), "
+    name = args.model or "default bench_dpo model"
+    print(f"\nDPO step, {name} ({layers} layers, hidden {d}, vocab {cfg.vocab_size}, float32, LoRA r8 all linears), "
           f"{args.batch_size} pairs, shape {args.shape}, prefix sharing {'on' if args.shared else 'off'}, "
           f"reference on the fly; passes (rows x positions): {passes}; median of {args.repeats}\n")
     print("| part | seconds | share of the step |")
