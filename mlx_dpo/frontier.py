@@ -247,23 +247,21 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
     return results
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     """Run the sweep; errors and stops end in one line (exit 2, 3 or 128 + signal), never a traceback."""
     p = argparse.ArgumentParser(prog="mlx_dpo.frontier", description="Train a sweep of runs and draw their reward-KL frontier.")
     p.add_argument("--config", required=True, help="The sweep file (YAML).")
     args = p.parse_args(argv)
+    from .lora import one_line
+
     again = f"run the same command to resume: {sys.executable} -m mlx_dpo.frontier --config {shlex.quote(args.config)}"
     try:
         sweep(Path(args.config))
     except (ConfigError, DataError, BatchSourceError, LossTermError) as e:
-        print(f"mlx_dpo.frontier: error: {_one_line(e)}", file=sys.stderr)
+        print(f"mlx_dpo.frontier: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:
-        print(f"mlx_dpo.frontier: error: {_one_line(e)}", file=sys.stderr)
+        print(f"mlx_dpo.frontier: error: {one_line(e)}", file=sys.stderr)
         sys.exit(3)
     except TrainingInterrupted as e:  # the trainer saved a checkpoint before stopping
         print(f"mlx_dpo.frontier: stopped by signal {e.signum} after step {e.step} (checkpoint in {e.checkpoint.parent}); {again}",
