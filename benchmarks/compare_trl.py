@@ -21,6 +21,10 @@ tokens per second (the prompt counted with each answer, as TRL's batch holds it:
 a step over the epoch / mean time of a step after ``--warmup`` steps), and the process's peak
 RSS; then mlx-dpo's ratio. The model defaults to SmolLM2-135M-Instruct as ``examples/real/run.py``
 converts it.
+
+``--mlx-variants`` also trains mlx-dpo with other settings on the same pairs (``VARIANTS``: the
+plain path without prefix sharing or streams, the compiled step with and without shape
+bucketing) and prints how far each one's losses are from the default run's, step by step.
 """
 
 from __future__ import annotations
@@ -36,6 +40,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PACKAGES = ["torch==2.13.0", "trl", "peft", "transformers", "datasets", "accelerate"]
+# mlx-dpo settings compared with its defaults (compile auto, cpu_streams auto, prefix_sharing auto).
+VARIANTS = {
+    "default": {},
+    "unshared": {"prefix_sharing": False, "cpu_streams": 1},
+    "compiled": {"compile": True, "cpu_streams": 1},
+    "compiled-pad32": {"compile": True, "cpu_streams": 1, "pad_to_multiple": 32},
+    "one-stream": {"cpu_streams": 1},
+}
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -142,14 +154,14 @@ def run_trl(python: Path, model: str, data: Path, steps: int, warmup: int, work:
             "losses": out["losses"], "tool": f"TRL {out['version']}"}
 
 
-def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, real_tokens: float) -> dict:
+def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, real_tokens: float, variant: str = "default") -> dict:
     config = {
         "model": model, "data": str(data_dir), "train": True, "test": False, "loss_type": "dpo", "beta": 0.1,
         "fine_tune_type": "lora", "num_layers": -1,
         "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": LORA_KEYS},
         "optimizer": "adam", "learning_rate": 5e-6, "batch_size": 2, "iters": steps, "max_seq_length": 256,
         "steps_per_report": 1, "steps_per_eval": 10**6, "val_batches": 0, "save_every": 10**6,
-        "adapter_path": str(work / "mlx"), "seed": 0,
+        "adapter_path": str(work / f"mlx-{variant}"), "seed": 0, **VARIANTS[variant],
     }
     path = work / "mlx.json"
     path.write_text(json.dumps(config))
@@ -157,10 +169,11 @@ def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, rea
     if done.returncode:
         raise SystemExit(f"mlx-dpo failed:\n{done.stderr[-3000:]}")
     rss = float(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_GB")))
-    rows = [json.loads(x) for x in (work / "mlx" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (work / f"mlx-{variant}" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("split") == "train"]
     times = [1.0 / r["iterations_per_second"] for r in train]
-    return {**steady(times, real_tokens, warmup), "peak_rss_gb": rss, "losses": [r["loss"] for r in train], "tool": "mlx-dpo"}
+    tool = "mlx-dpo" if variant == "default" else f"mlx-dpo {variant}"
+    return {**steady(times, real_tokens, warmup), "peak_rss_gb": rss, "losses": [r["loss"] for r in train], "tool": tool}
 
 
 def real_tokens_per_step(pairs: list[dict], model: str, steps: int) -> float:
@@ -184,7 +197,10 @@ def main() -> None:
     p.add_argument("--shapes", default="long,short")
     p.add_argument("--trl-venv", default=str(ROOT / "benchmarks" / ".trl-venv"))
     p.add_argument("--tools", default="trl,mlx", help="Which tools to run (trl, mlx or both).")
+    p.add_argument("--mlx-variants", default="default", help="mlx-dpo settings to run: " + ", ".join(VARIANTS))
     args = p.parse_args()
+    if unknown := set(args.mlx_variants.split(",")) - set(VARIANTS):
+        p.error(f"unknown --mlx-variants {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     sentences = review_sentences()
     python = trl_python(Path(args.trl_venv)) if "trl" in args.tools else None
     table = []
@@ -199,20 +215,30 @@ def main() -> None:
                 print(f"[compare_trl] {shape} prompts: {tool}, {args.steps} steps", flush=True)
                 if tool == "trl":
                     row = run_trl(python, args.model, work / "data" / "train.jsonl", args.steps, args.warmup, work)
-                else:
-                    row = run_mlx(args.model, work / "data", args.steps, args.warmup, work, per_step)
-                table.append({"shape": shape, **row})
+                    table.append({"shape": shape, **row})
+                    continue
+                for variant in args.mlx_variants.split(","):
+                    if variant != "default":
+                        print(f"[compare_trl] {shape} prompts: mlx-dpo {variant}", flush=True)
+                    row = run_mlx(args.model, work / "data", args.steps, args.warmup, work, per_step, variant)
+                    table.append({"shape": shape, **row})
     print("\n| shape | tool | tokens a step | median step (s) | non-padding tokens/s | peak RSS (GB) | first loss |")
     print("|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['shape']} | {r['tool']} | {r['tokens_per_step']:.0f} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.1f} "
               f"| {r['peak_rss_gb']:.2f} | {r['losses'][0]:.4f} |")
     for shape in args.shapes.split(","):
-        rows = {r["tool"].split()[0]: r for r in table if r["shape"] == shape}
+        rows = {("TRL" if r["tool"].startswith("TRL") else r["tool"]): r for r in table if r["shape"] == shape}
         if "TRL" in rows and "mlx-dpo" in rows:
             t, m = rows["TRL"], rows["mlx-dpo"]
             print(f"{shape}: mlx-dpo / TRL tokens/s {m['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
                   f"peak RSS {m['peak_rss_gb'] / t['peak_rss_gb']:.2f}x")
+        base = next((r for r in table if r["shape"] == shape and r["tool"] == "mlx-dpo"), None)
+        for r in table:
+            if base is not None and r["shape"] == shape and r["tool"].startswith("mlx-dpo ") and len(r["losses"]) == len(base["losses"]):
+                gap = max(abs(a - b) for a, b in zip(r["losses"], base["losses"]))
+                print(f"{shape}: {r['tool']}: tokens/s {r['tokens_per_s'] / base['tokens_per_s']:.2f}x the default's, "
+                      f"largest loss difference from it over {len(base['losses'])} steps {gap:.1e}")
 
 
 if __name__ == "__main__":

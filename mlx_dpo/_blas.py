@@ -82,6 +82,7 @@ class Found(NamedTuple):
 # "not-linux", "gpu", "missing", "failed", "too-late"}; "missing" carries why
 # each route was passed over.
 status: tuple[str, str] = ("not-run", "")
+_library: Optional[ctypes.CDLL] = None  # the BLAS loaded by ``preload``
 
 
 def _has_cuda_backend() -> bool:
@@ -255,7 +256,7 @@ def find(choice: str = "") -> tuple[Optional[Found], list[str]]:
 
 def preload() -> tuple[str, str]:
     """Load the BLAS that ``MLX_DPO_BLAS`` names (or the first route that fits) globally."""
-    global status
+    global status, _library
     choice = os.environ.get(ENV, "").strip()
     if choice.lower() in ("off", "0", "none", "false"):
         status = ("off", f"{ENV}=off")
@@ -273,11 +274,32 @@ def preload() -> tuple[str, str]:
             mode = ctypes.RTLD_GLOBAL | (os.RTLD_LAZY if found.lazy else 0)
             try:
                 for path in (*found.preload, found.path):
-                    ctypes.CDLL(path, mode=mode)
+                    _library = ctypes.CDLL(path, mode=mode)
                 status = ("loaded", f"{found.path} ({found.route})")
             except OSError as e:
                 status = ("failed", f"{found.path}: {e}")
     return status
+
+
+# Thread-count setters and getters of the BLAS libraries ``preload`` loads.
+_THREAD_CALLS = (("openblas_set_num_threads", "openblas_get_num_threads"), ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"))
+
+
+def set_threads(n: int) -> Optional[int]:
+    """Give the loaded BLAS ``n`` threads; returns the count it reports after, or None (no loaded BLAS).
+
+    Two CPU streams each calling a BLAS that spins up both cores would fight over
+    them (a DPO step on SmolLM2 took twice as long, BENCHMARKS.md), so ``streams.py``
+    gives each stream's GEMMs ``cores // streams`` threads. The bundled reference
+    BLAS is single-threaded already.
+    """
+    if _library is None:
+        return None
+    for setter, getter in _THREAD_CALLS:
+        if hasattr(_library, setter):
+            getattr(_library, setter)(ctypes.c_int(n))
+            return int(getattr(_library, getter)())
+    return None
 
 
 def describe() -> Optional[str]:

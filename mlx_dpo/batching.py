@@ -44,9 +44,9 @@ def pad_batch(
         for a, b in spans(start, len(toks)):
             mask[r, max(a, 1) - 1 : b - 1] = 1.0
     lengths = np.array([len(toks) for toks, _ in seqs], dtype=np.int32)
-    # First target position any row's response needs, rounded down to a multiple of 8 so
-    # that a compiled step sees few distinct values (each one is traced once).
-    logits_from = (min(max(spans(start, len(toks))[0][0], 1) for toks, start in seqs) - 1) // 8 * 8
+    # First target position any row's response needs, rounded down to ``pad_multiple`` like the
+    # widths: bucketed shapes (for a compiled step, traced once per shape) bucket this too.
+    logits_from = (min(max(spans(start, len(toks))[0][0], 1) for toks, start in seqs) - 1) // pad_multiple * pad_multiple
     batch = {"tokens": mx.array(tokens), "mask": mx.array(mask), "lengths": mx.array(lengths), "logits_from": logits_from}
     if share_prefix and len(examples[0]) > 1:
         shared = shared_prefix_fields(seqs, [r % len(examples) for r in range(len(seqs))], pad_id, pad_multiple)

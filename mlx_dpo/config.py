@@ -38,7 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "beta": 0.1,
     "label_smoothing": 0.0,
     "reference_model": None,
-    "compile": True,
+    "compile": "auto",
+    "cpu_streams": "auto",
     # The family of objectives (see losses.py for each formula).
     "loss_weights": None,
     "gamma": 0.5,
@@ -195,7 +196,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "overlong_buffer": (_opt(lambda v: _is_int(v) and v > 0), "a positive integer (DAPO's soft over-long buffer, in tokens)"),
     "label_smoothing": (lambda v: _is_num(v) and 0 <= v < 0.5, "a number in [0, 0.5)"),
     "reference_model": (_opt(lambda v: isinstance(v, str) and v != ""), "a hub id or a local path"),
-    "compile": (lambda v: isinstance(v, bool), "true or false"),
+    "compile": (lambda v: isinstance(v, bool) or v == "auto", "auto, true or false"),
+    "cpu_streams": (lambda v: v == "auto" or (_is_int(v) and v >= 1), "auto or a positive integer"),
     "dtype": (lambda v: v in DTYPES, "one of " + ", ".join(DTYPES)),
     "precompute_reference": (lambda v: isinstance(v, bool), "true or false"),
     "prefix_sharing": (lambda v: isinstance(v, bool) or v == "auto", "auto, true or false"),
@@ -362,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta", type=float, help="DPO temperature β (default: 0.1).")
     parser.add_argument("--label-smoothing", type=float, help="Conservative DPO ε in [0, 0.5) (default: 0).")
     parser.add_argument("--reference-model", type=str, help="Separate frozen reference model (default: the policy without adapters).")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", help="Do not mx.compile the training step.")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="Do not mx.compile the training step (auto: compiled on a GPU only).")
+    parser.add_argument("--cpu-streams", type=int, help="CPU streams a batch's rows are split over (default auto: 2 on a CPU with 2+ cores).")
     parser.add_argument("--dtype", type=str, choices=DTYPES, help="Training dtype (auto: float32 on a CPU, the model's own on a GPU).")
     parser.add_argument("--resume", action="store_true", help="Continue from the checkpoint in adapter_path (weights, optimizer, step).")
     parser.add_argument("--skip-nonfinite", action="store_true", help="Skip batches whose loss or gradient is NaN/inf instead of stopping.")

@@ -40,6 +40,7 @@ from .logps import auto_chunk_size  # noqa: E402
 from .loss_terms import LossTermError  # noqa: E402
 from .prefix import resolve_prefix_sharing  # noqa: E402
 from .rollout import SamplingParams  # noqa: E402
+from .streams import resolve_streams, use_streams  # noqa: E402
 from .reference import cached_reference, has_adapters, make_reference, weights_fingerprint  # noqa: E402
 from .checkpoint import ADAPTERS, STATE, atomic_write_json, restore, save_checkpoint, state_file_for  # noqa: E402
 from .metrics_log import MetricsLogger  # noqa: E402
@@ -176,6 +177,27 @@ def resolve_dtype(args: types.SimpleNamespace) -> Optional[mx.Dtype]:
         )
         return mx.float32 if on_cpu else None
     return getattr(mx, args.dtype)
+
+
+def cpu_parallelism(args: types.SimpleNamespace) -> None:
+    """Resolve ``compile`` and ``cpu_streams`` (both ``auto``) for this device, in one info line.
+
+    On a CPU a compiled step computes no faster, and retraces at every new batch shape (about
+    2 s a step on SmolLM2); two streams keep both cores busy (``streams.py``; BENCHMARKS.md).
+    """
+    on_cpu = mx.default_device() == mx.cpu
+    args._compile_update = args.compile is not False  # fixed shapes: traced once, fused Adam
+    if args.compile == "auto":
+        args.compile = not on_cpu
+    try:
+        n = resolve_streams(args.cpu_streams, args.compile, mx.distributed.init().size(), on_cpu)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    threads = use_streams(n)
+    if on_cpu:
+        blas = f" (BLAS: {threads} thread{'s' if threads != 1 else ''}{' each' if n > 1 else ''})" if threads else ""
+        where = f"each batch's rows split over {n} parallel streams" if n > 1 else "one stream"
+        rank0_print(f"[INFO] CPU: {where}{blas}; training step {'compiled' if args.compile else 'not compiled'}.")
 
 
 def cast(model: Optional[nn.Module], dtype: Optional[mx.Dtype]) -> None:
@@ -461,6 +483,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     model, tokenizer, model_config = load_model(args.model, args, return_config=True)
     dtype = resolve_dtype(args)
     cast(model, dtype)
+    cpu_parallelism(args)
     chunk = args.logits_chunk_size if args.logits_chunk_size is not None else auto_chunk_size(model_config.get("vocab_size", 0))
 
     rank0_print(f"Loading datasets from {args.hf_dataset or args.data} (loss_type: {args.loss_type})")
@@ -546,6 +569,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
             clear_cache_threshold=args.clear_cache_threshold,
             seed=args.seed,
             compile=args.compile,
+            compile_update=args._compile_update,
             skip_nonfinite=args.skip_nonfinite,
             save_multiple=args.grad_accumulation_steps * (args.num_iterations if online else 1),
         )

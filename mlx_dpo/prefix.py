@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 from .logps import (
     chunked_token_logps, get_batched_logps, get_token_logps, split_head, tempered_logps, tempered_logps_chunked, token_logps,
 )
+from .streams import on_streams
 
 SHARED_KEYS = ("prefix_tokens", "prefix_lengths", "suffix_tokens", "suffix_targets", "suffix_mask", "suffix_rows")
 MIN_PROMPT = 2  # a continuation starts at the last prompt token, so the cached part needs >= 1 token
@@ -170,22 +171,30 @@ def shared_token_logps(
 
 
 def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 0) -> tuple[mx.array, mx.array]:
-    """Per-row summed response log-probs and token counts of a batch, its prompts run once if it shares."""
-    if is_shared(batch):
-        return shared_logps(model, batch, chunk_size)
-    return get_batched_logps(model, batch["tokens"], batch["mask"], chunk_size, batch.get("logits_from", 0))
+    """Per-row summed response log-probs and token counts of a batch, its prompts run once if it
+    shares, its rows split over parallel CPU streams where those are on (``streams.py``)."""
+
+    def logps(part: dict) -> tuple[mx.array, mx.array]:
+        if is_shared(part):
+            return shared_logps(model, part, chunk_size)
+        return get_batched_logps(model, part["tokens"], part["mask"], chunk_size, part.get("logits_from", 0))
+
+    return on_streams(logps, batch)
 
 
 def sequence_token_logps(
     model: nn.Module, batch: dict, temperature: float = 1.0, with_entropy: bool = False, chunk_size: int = 0
 ) -> tuple[mx.array, Optional[mx.array], mx.array]:
     """Per-token log-probs, entropies and the matching response mask, shared or not (GRPO's input)."""
-    if is_shared(batch):
-        logps, entropy = shared_token_logps(model, batch, temperature, with_entropy, chunk_size)
-        return logps, entropy, batch["suffix_mask"]
-    start = batch.get("logits_from", 0)
-    logps, entropy = get_token_logps(model, batch["tokens"], start, temperature, with_entropy, chunk_size)
-    return logps, entropy, batch["mask"][:, start:]
+    start = 0 if is_shared(batch) else batch.get("logits_from", 0)
+
+    def logps(part: dict) -> tuple[mx.array, Optional[mx.array]]:
+        if is_shared(part):
+            return shared_token_logps(model, part, temperature, with_entropy, chunk_size)
+        return get_token_logps(model, part["tokens"], start, temperature, with_entropy, chunk_size)
+
+    logps, entropy = on_streams(logps, batch)
+    return logps, entropy, batch["suffix_mask"] if is_shared(batch) else batch["mask"][:, start:]
 
 
 def sharing_problem(model: nn.Module) -> Optional[str]:

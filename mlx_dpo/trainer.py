@@ -40,6 +40,10 @@ BatchIterator = Callable[..., Iterator[dict]]
 class TrainingArgs(_MlxLmTrainingArgs):
     seed: int = field(default=0, metadata={"help": "Seed for the batch order."})
     compile: bool = field(default=True, metadata={"help": "mx.compile the training step."})
+    compile_update: bool = field(
+        default=True,
+        metadata={"help": "mx.compile the optimizer update (its shapes never change, so it is traced once)."},
+    )
     skip_nonfinite: bool = field(default=False, metadata={"help": "Skip batches with NaN/inf instead of stopping."})
     save_multiple: int = field(
         default=0,
@@ -248,6 +252,7 @@ def train(
     update_state = [model.state, optimizer.state]
     if args.compile:
         grad_step = partial(mx.compile, inputs=grad_state, outputs=grad_state)(grad_step)
+    if args.compile or args.compile_update:
         update = partial(mx.compile, inputs=update_state, outputs=update_state)(update)
 
     adapter_file = Path(args.adapter_file)

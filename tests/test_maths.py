@@ -136,7 +136,8 @@ def test_logits_from_is_no_later_than_any_response_target():
             n_prompt = int(rng.integers(1, 40))
             prompt = list(rng.integers(0, VOCAB, n_prompt))
             pairs.append(tuple((prompt + list(rng.integers(0, VOCAB, int(rng.integers(1, 9)))), n_prompt) for _ in range(2)))
-        batch = pad_batch(pairs)
-        first = int(np.argmax(np.array(batch["mask"]).any(axis=0)))
-        assert batch["logits_from"] % 8 == 0 and 0 <= batch["logits_from"] <= first
-        assert first - batch["logits_from"] < 8
+        first = int(np.argmax(np.array(pad_batch(pairs)["mask"]).any(axis=0)))
+        for multiple in (1, 8, 32):  # rounded down like the padded widths
+            start = pad_batch(pairs, pad_multiple=multiple)["logits_from"]
+            assert start % multiple == 0 and 0 <= start <= first
+            assert first - start < multiple
