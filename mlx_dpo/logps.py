@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 # Architectures whose logits are exactly ``lm_head(model.model(x))`` (or the
 # tied embedding), with nothing after the head: only these may be split into
@@ -70,13 +71,31 @@ def chunked_token_logps(hidden: mx.array, targets: mx.array, head: nn.Module, ch
     return mx.concatenate(pieces, axis=1)
 
 
+def packed_logps(hidden: mx.array, targets: mx.array, mask: mx.array, head: nn.Module) -> tuple[mx.array, mx.array]:
+    """Per-row summed log-probs of the masked targets, with only those positions projected.
+
+    A padded batch's rows end at different lengths and start their responses at different
+    positions; the vocabulary projection and log-softmax of every other position (padding,
+    prompt) are work no log-prob needs. The masked positions are gathered into one (n, H) block
+    first (the mask is read on the host: not inside a compiled step), then summed back per row.
+    """
+    rows, width = targets.shape
+    keep = np.array(mask) > 0
+    r, c = np.nonzero(keep)
+    flat = mx.array((r * width + c).astype(np.int32))
+    h = hidden.reshape(rows * width, -1)[flat]
+    logps = token_logps(head(h), targets.reshape(-1)[flat])
+    per_row = mx.array((r[None] == np.arange(rows)[:, None]).astype(np.float32))  # (rows, n)
+    return per_row @ logps, mx.array(keep.sum(axis=-1).astype(np.float32))
+
+
 def auto_chunk_size(vocab_size: int) -> int:
     """0 (no chunking) below 100k tokens of vocabulary; 128 positions above."""
     return 128 if vocab_size >= 100_000 else 0
 
 
 def get_batched_logps(
-    model: nn.Module, tokens: mx.array, mask: mx.array, chunk_size: int = 0, start: int = 0
+    model: nn.Module, tokens: mx.array, mask: mx.array, chunk_size: int = 0, start: int = 0, pack_head: bool = False
 ) -> tuple[mx.array, mx.array]:
     """One forward pass over all rows; returns per-row summed response log-probs and token counts.
 
@@ -91,15 +110,21 @@ def get_batched_logps(
     no response log-prob needs: with a 32k vocabulary that projection is about
     40% of a small model's forward pass. With ``chunk_size > 0`` the projection
     runs over that many positions at a time; see ``chunked_token_logps``. Both
-    need a known architecture (``split_head``); otherwise full logits are used.
+    need a known architecture (``split_head``); otherwise full logits are used. ``pack_head``
+    (outside compiled code, not with chunks) projects only the response positions: see
+    ``packed_logps``.
     """
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     width = inputs.shape[1] - start
-    parts = split_head(model) if start > 0 or 0 < chunk_size < width else None
+    chunked = 0 < chunk_size < width
+    pack = pack_head and not chunked
+    parts = split_head(model) if start > 0 or chunked or pack else None
     if parts is not None:
         body, head = parts
         hidden, targets, mask = body(inputs)[:, start:], targets[:, start:], mask[:, start:]
-        if 0 < chunk_size < width:
+        if pack:
+            return packed_logps(hidden, targets, mask, head)
+        if chunked:
             logps = chunked_token_logps(hidden, targets, head, chunk_size)
         else:
             logps = token_logps(head(hidden), targets)

@@ -193,7 +193,7 @@ def cpu_parallelism(args: types.SimpleNamespace) -> None:
         n = resolve_streams(args.cpu_streams, args.compile, mx.distributed.init().size(), on_cpu)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    threads = use_streams(n)
+    threads = use_streams(n, pack_head=not args.compile)
     if on_cpu:
         blas = f" (BLAS: {threads} thread{'s' if threads != 1 else ''}{' each' if n > 1 else ''})" if threads else ""
         where = f"each batch's rows split over {n} parallel streams" if n > 1 else "one stream"

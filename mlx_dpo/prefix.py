@@ -27,9 +27,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .logps import (
-    chunked_token_logps, get_batched_logps, get_token_logps, split_head, tempered_logps, tempered_logps_chunked, token_logps,
+    chunked_token_logps, get_batched_logps, get_token_logps, packed_logps, split_head, tempered_logps, tempered_logps_chunked,
+    token_logps,
 )
-from .streams import on_streams
+from .streams import on_streams, packing
 
 SHARED_KEYS = ("prefix_tokens", "prefix_lengths", "suffix_tokens", "suffix_targets", "suffix_mask", "suffix_rows")
 MIN_PROMPT = 2  # a continuation starts at the last prompt token, so the cached part needs >= 1 token
@@ -147,10 +148,14 @@ def _suffix_states(model: nn.Module, batch: dict, use_body: bool) -> mx.array:
     return forward(batch["suffix_tokens"], cache=caches)
 
 
-def shared_logps(model: nn.Module, batch: dict, chunk_size: int = 0) -> tuple[mx.array, mx.array]:
+def shared_logps(model: nn.Module, batch: dict, chunk_size: int = 0, pack_head: bool = False) -> tuple[mx.array, mx.array]:
     """``get_batched_logps`` for a shared-prefix batch: per-row summed response log-probs, token counts."""
     targets, mask = batch["suffix_targets"], batch["suffix_mask"].astype(mx.float32)
-    parts = split_head(model) if 0 < chunk_size < targets.shape[1] else None
+    chunked = 0 < chunk_size < targets.shape[1]
+    pack = pack_head and not chunked
+    parts = split_head(model) if chunked or pack else None
+    if parts is not None and pack:
+        return packed_logps(_suffix_states(model, batch, True), targets, mask, parts[1])
     if parts is not None:
         logps = chunked_token_logps(_suffix_states(model, batch, True), targets, parts[1], chunk_size)
     else:
@@ -174,10 +179,12 @@ def sequence_logps(model: nn.Module, batch: dict, chunk_size: int = 0) -> tuple[
     """Per-row summed response log-probs and token counts of a batch, its prompts run once if it
     shares, its rows split over parallel CPU streams where those are on (``streams.py``)."""
 
+    pack = packing()
+
     def logps(part: dict) -> tuple[mx.array, mx.array]:
         if is_shared(part):
-            return shared_logps(model, part, chunk_size)
-        return get_batched_logps(model, part["tokens"], part["mask"], chunk_size, part.get("logits_from", 0))
+            return shared_logps(model, part, chunk_size, pack)
+        return get_batched_logps(model, part["tokens"], part["mask"], chunk_size, part.get("logits_from", 0), pack)
 
     return on_streams(logps, batch)
 

@@ -23,6 +23,7 @@ import numpy as np
 from . import _blas
 
 _streams: list[mx.Stream] = []  # empty: everything runs on the default stream
+_pack_head = False  # project only response positions onto the vocabulary (logps.packed_logps)
 
 
 def cores() -> int:
@@ -55,18 +56,25 @@ def resolve_streams(setting: Union[str, int], compile_step: bool, world_size: in
     return n
 
 
-def use_streams(n: int) -> Optional[int]:
-    """Run later log-prob passes on ``n`` CPU streams (1: the default stream alone).
+def use_streams(n: int, pack_head: bool = False) -> Optional[int]:
+    """Run later log-prob passes on ``n`` CPU streams (1: the default stream alone), and with
+    ``pack_head`` project only their response positions onto the vocabulary. Both read batch
+    layouts on the host, so neither may run inside a compiled step.
 
     Returns the BLAS threads per stream now in force, or None where the BLAS is not ours to set.
     """
-    global _streams
+    global _streams, _pack_head
+    _pack_head = pack_head
     _streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else []
     return _blas.set_threads(max(1, cores() // max(n, 1)))
 
 
 def active_streams() -> int:
     return max(len(_streams), 1)
+
+
+def packing() -> bool:
+    return _pack_head
 
 
 def split_rows(batch: dict, n: int) -> Optional[list[tuple[dict, np.ndarray]]]:

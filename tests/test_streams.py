@@ -1,5 +1,6 @@
-"""A batch's rows on parallel CPU streams (streams.py): the same log-probs, token log-probs,
-losses and gradients as one stream, in the batch's own row order.
+"""A batch's rows on parallel CPU streams (streams.py), and the vocabulary projected at response
+positions only (logps.packed_logps): the same log-probs, token log-probs, losses and gradients as
+one stream over every position, in the batch's own row order.
 
 The log-probs are checked against float64 NumPy (log-softmax of the model's own logits, run
 whole on one stream); the gradients and the CLI's logged losses against the one-stream run.
@@ -66,24 +67,25 @@ def numpy_logps(model, examples):
 
 
 @pytest.mark.parametrize("share", [False, True])
-def test_two_streams_give_float64_numpy_log_probs_in_the_batch_order(model, share):
+@pytest.mark.parametrize("n, pack", [(2, False), (1, True), (2, True)])
+def test_streams_and_packed_heads_give_float64_numpy_log_probs_in_the_batch_order(model, share, n, pack):
     examples = pairs(5)
     batch = pad_batch(examples, share_prefix=share)
     assert is_shared(batch) == share
     want = numpy_logps(model, examples)
-    use_streams(2)
+    use_streams(n, pack_head=pack)
     logps, ntoks = sequence_logps(model, batch)
     np.testing.assert_allclose(np.array(logps), want, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.array(ntoks), [len(t) - s for k in range(2) for t, s in (ex[k] for ex in examples)])
 
 
 @pytest.mark.parametrize("share", [False, True])
-def test_loss_and_gradients_on_two_streams_equal_one_stream(model, share):
+def test_loss_and_gradients_on_two_streams_and_packed_equal_one_stream(model, share):
     batch = pad_batch(pairs(4, seed=1), share_prefix=share)
     loss_fn = make_loss("dpo", reference=make_reference(model), beta=0.1)
     results = []
-    for n in (1, 2):
-        use_streams(n)
+    for n, pack in ((1, False), (2, True)):
+        use_streams(n, pack_head=pack)
         (loss, metrics), grad = nn.value_and_grad(model, loss_fn)(model, batch)
         mx.eval(loss, metrics, grad)
         results.append((loss.item(), {k: v.item() for k, v in metrics.items()}, dict(tree_flatten(grad))))
@@ -176,12 +178,14 @@ def test_blas_threads_follow_the_streams():
     assert streams.active_streams() == 1
 
 
-def test_cli_on_two_streams_logs_the_losses_of_one_stream(tiny_model_path, tiny_data_path, tmp_path, capsys):
+def test_cli_on_two_streams_logs_the_losses_of_one_compiled_stream(tiny_model_path, tiny_data_path, tmp_path, capsys):
     logged = {}
     for n in ("1", "2"):
         args = load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(tmp_path / n),
                             "--train", "--iters", "3", "--batch-size", "2", "--steps-per-report", "1", "--steps-per-eval", "3",
                             "--val-batches", "2", "--cpu-streams", n, "--optimizer", "sgd", "--learning-rate", "0.05", "--num-layers", "-1"])
+        if n == "1":
+            args.compile = True  # the path before streams: one stream, compiled, every position projected
         run(args)
         assert ("split over 2 parallel streams" if n == "2" else "CPU: one stream") in capsys.readouterr().out
         logged[n] = [(r["split"], r["step"], r.get("loss", r.get("eval_loss"))) for r in read_metrics(tmp_path / n)]
