@@ -200,7 +200,7 @@ def sequence_token_logps(
             return shared_token_logps(model, part, temperature, with_entropy, chunk_size)
         return get_token_logps(model, part["tokens"], start, temperature, with_entropy, chunk_size)
 
-    logps, entropy = on_streams(logps, batch)
+    logps, entropy = on_streams(logps, batch, trim=False)
     return logps, entropy, batch["suffix_mask"] if is_shared(batch) else batch["mask"][:, start:]
 
 

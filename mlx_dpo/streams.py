@@ -14,6 +14,7 @@ MLX loads) and the step not compiled (the split reads each batch's row layout on
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Callable, Optional, Sequence, Union
 
@@ -77,23 +78,25 @@ def packing() -> bool:
     return _pack_head
 
 
-def split_rows(batch: dict, n: int) -> Optional[list[tuple[dict, np.ndarray]]]:
+def split_rows(batch: dict, n: int, trim: bool = True) -> Optional[list[tuple[dict, np.ndarray]]]:
     """``n`` sub-batches of ``batch`` for a log-prob pass, each with the batch rows it holds; None
     where the batch has fewer than ``n`` independent parts.
 
-    A plain batch splits its rows into contiguous blocks (chosen rows and rejected rows are
-    independent). A shared-prefix batch splits its prompts into contiguous blocks, and each
-    block takes the continuation rows of its own prompts, renumbered.
+    A plain batch's rows are independent: they are grouped by ``balanced_groups`` and each group
+    is cut to its own longest row (``trim``; else all keep the batch's width, for per-position
+    results that must line up with the batch's mask). A shared-prefix batch splits its prompts into contiguous
+    blocks, and each block takes the continuation rows of its own prompts, renumbered.
     """
     if "prefix_tokens" not in batch:
-        rows = batch["tokens"].shape[0]
+        rows, width = batch["tokens"].shape
         if rows < n:
             return None
+        lengths = np.array(batch["lengths"]) if trim and "lengths" in batch else np.full(rows, width)
         out = []
-        for block in np.array_split(np.arange(rows), n):
-            lo, hi = int(block[0]), int(block[-1]) + 1
-            out.append(({"tokens": batch["tokens"][lo:hi], "mask": batch["mask"][lo:hi],
-                         "logits_from": batch.get("logits_from", 0)}, block))
+        for group in balanced_groups(np.minimum(lengths, width), n):
+            take, w = mx.array(group.astype(np.int32)), int(max(lengths[group].max(), 2))
+            out.append(({"tokens": batch["tokens"][take][:, :w], "mask": batch["mask"][take][:, : w - 1],
+                         "logits_from": batch.get("logits_from", 0)}, group))
         return out
     prompts = batch["prefix_tokens"].shape[0]
     if prompts < n:
@@ -114,13 +117,31 @@ def split_rows(batch: dict, n: int) -> Optional[list[tuple[dict, np.ndarray]]]:
     return out
 
 
+def balanced_groups(lengths: np.ndarray, n: int) -> list[np.ndarray]:
+    """Row indices in ``n`` groups whose slowest is as fast as it gets: each group runs padded to
+    its longest row, so a group costs about (rows x longest row). Rows are taken longest first and
+    cut into consecutive runs; of every such cut, the one with the smallest largest cost wins
+    (short prompts with answers of one or two sentences: splitting chosen from rejected rows
+    left one stream idle for a third of the step)."""
+    order = np.argsort(-lengths, kind="stable")
+    ranked = lengths[order]
+    best = None
+    for cuts in itertools.combinations(range(1, len(ranked)), n - 1):
+        bounds = (0, *cuts, len(ranked))
+        cost = max((b - a) * ranked[a] for a, b in zip(bounds, bounds[1:]))
+        if best is None or cost < best[0]:
+            best = (cost, bounds)
+    return [np.sort(order[a:b]) for a, b in zip(best[1], best[1][1:])]
+
+
 Outputs = Sequence[Optional[mx.array]]
 
 
-def on_streams(fn: Callable[[dict], Outputs], batch: dict) -> tuple[Optional[mx.array], ...]:
+def on_streams(fn: Callable[[dict], Outputs], batch: dict, trim: bool = True) -> tuple[Optional[mx.array], ...]:
     """``fn(batch)``, a tuple of per-row arrays (rows first, or None), computed part by part on the
-    active streams where the batch splits; the same rows in the same order either way."""
-    parts = split_rows(batch, len(_streams)) if _streams else None
+    active streams where the batch splits; the same rows in the same order either way. Per-row
+    sums may come from parts cut to their own longest row (``trim``); per-position results may not."""
+    parts = split_rows(batch, len(_streams), trim) if _streams else None
     if parts is None:
         return tuple(fn(batch))
     results = []

@@ -6,6 +6,8 @@ The log-probs are checked against float64 NumPy (log-softmax of the model's own 
 whole on one stream); the gradients and the CLI's logged losses against the one-stream run.
 """
 
+import itertools
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -23,7 +25,7 @@ from mlx_dpo.metrics_log import read_metrics
 from mlx_dpo.objectives import make_loss
 from mlx_dpo.prefix import is_shared, sequence_logps, sequence_token_logps, shared_prefix_fields
 from mlx_dpo.reference import make_reference
-from mlx_dpo.streams import on_streams, resolve_streams, split_rows, use_streams
+from mlx_dpo.streams import balanced_groups, on_streams, resolve_streams, split_rows, use_streams
 
 
 @pytest.fixture(autouse=True)
@@ -132,14 +134,40 @@ def test_shared_batches_split_by_prompt_and_return_rows_in_their_order():
     assert none is None
 
 
-def test_plain_batches_split_into_row_blocks_and_small_batches_do_not_split():
+def test_plain_batches_split_into_balanced_groups_cut_to_their_longest_row():
     batch = pad_batch(pairs(3))
+    lengths = np.array(batch["lengths"])
     parts = split_rows(batch, 2)
-    assert [list(rows) for _, rows in parts] == [[0, 1, 2], [3, 4, 5]]
-    np.testing.assert_array_equal(np.array(parts[1][0]["tokens"]), np.array(batch["tokens"])[3:])
-    assert parts[0][0]["logits_from"] == batch["logits_from"]
+    assert sorted(np.concatenate([rows for _, rows in parts]).tolist()) == list(range(6))
+    for sub, rows in parts:
+        width = int(lengths[rows].max())
+        np.testing.assert_array_equal(np.array(sub["tokens"]), np.array(batch["tokens"])[rows, :width])
+        np.testing.assert_array_equal(np.array(sub["mask"]), np.array(batch["mask"])[rows, : width - 1])
+        assert sub["logits_from"] == batch["logits_from"]
+    # Per-position results keep the batch's width.
+    assert all(sub["tokens"].shape[1] == batch["tokens"].shape[1] for sub, _ in split_rows(batch, 2, trim=False))
     assert split_rows(pad_batch(pairs(1)), 3) is None  # two rows cannot make three parts
     assert split_rows(pad_batch(pairs(1), share_prefix=True), 2) is None  # one prompt: nothing to split
+
+
+def test_balanced_groups_minimise_the_slowest_group():
+    # Cost of a group: its rows x its longest row. Splitting chosen (50, 30) from rejected (28, 25)
+    # costs max(100, 56); the longest row alone costs max(50, 90).
+    groups = balanced_groups(np.array([50, 30, 28, 25]), 2)
+    assert [g.tolist() for g in groups] == [[0], [1, 2, 3]]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        lengths = rng.integers(5, 80, int(rng.integers(2, 9)))
+        n = int(rng.integers(2, min(4, len(lengths)) + 1))
+        groups = balanced_groups(lengths, n)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths))) and all(len(g) for g in groups)
+        cost = max(len(g) * lengths[g].max() for g in groups)
+        # No assignment of rows to n non-empty groups is cheaper (brute force).
+        best = min(
+            max(len(g) * lengths[g].max() for g in (np.nonzero(np.array(a) == k)[0] for k in range(n)))
+            for a in itertools.product(range(n), repeat=len(lengths)) if len(set(a)) == n
+        )
+        assert cost == best
 
 
 def test_auto_streams_follow_the_device_the_cores_and_compile(monkeypatch):
