@@ -463,6 +463,15 @@ def load_sets(args: types.SimpleNamespace, tokenizer, splits: list[str]) -> dict
 
 
 def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallback] = None) -> dict:
+    """Load, train and test as ``args`` say (see ``_run``); the CPU streams it turns on end with it,
+    so that code run later in the same process (another run, a compiled ``train()``) starts plain."""
+    try:
+        return _run(args, training_callback)
+    finally:
+        use_streams(1)
+
+
+def _run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallback] = None) -> dict:
     """Load, train and/or test as ``args`` says; returns the test metrics (if tested)."""
     np.random.seed(args.seed)
     mx.random.seed(args.seed)

@@ -31,6 +31,7 @@ from mlx_lm.utils import maybe_set_recommended_wired_limit
 
 from .checkpoint import save_checkpoint
 from .progress import Progress
+from . import streams
 from .objectives import LossFn, is_summed
 
 BatchIterator = Callable[..., Iterator[dict]]
@@ -221,6 +222,8 @@ def train(
     ``NonFiniteError`` (without applying the bad update) on a NaN or inf,
     unless ``args.skip_nonfinite``.
     """
+    if args.compile and (streams.active_streams() > 1 or streams.packing()):
+        raise ValueError("a compiled step cannot split its batches over CPU streams: call streams.use_streams(1) first, or compile=False")
     maybe_set_recommended_wired_limit()
     world = mx.distributed.init()
     rank = world.rank()

@@ -231,3 +231,15 @@ def test_a_compiled_step_with_two_streams_is_a_one_line_config_error(tiny_model_
         run(args)
     with pytest.raises(ConfigError, match="cpu_streams"):
         load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--cpu-streams", "0"])
+
+
+def test_a_run_leaves_one_stream_and_a_compiled_train_refuses_streams(tiny_model_path, tiny_data_path, tmp_path):
+    from mlx_dpo.trainer import TrainingArgs, train
+
+    args = load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(tmp_path / "a"),
+                        "--train", "--iters", "1", "--val-batches", "1", "--num-layers", "-1"])
+    run(args)
+    assert streams.active_streams() == 1 and not streams.packing()  # in-process callers start plain
+    use_streams(2)
+    with pytest.raises(ValueError, match="compiled step cannot split"):
+        train(None, None, None, [], None, None, TrainingArgs(compile=True))
