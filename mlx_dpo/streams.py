@@ -24,6 +24,7 @@ import numpy as np
 from . import _blas
 
 _streams: list[mx.Stream] = []  # empty: everything runs on the default stream
+_made: list[mx.Stream] = []  # every stream made so far (each has a thread of its own), reused
 _pack_head = False  # project only response positions onto the vocabulary (logps.packed_logps)
 
 
@@ -66,7 +67,9 @@ def use_streams(n: int, pack_head: bool = False) -> Optional[int]:
     """
     global _streams, _pack_head
     _pack_head = pack_head
-    _streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else []
+    while n > 1 and len(_made) < n:
+        _made.append(mx.new_stream(mx.cpu))
+    _streams = _made[:n] if n > 1 else []
     return _blas.set_threads(max(1, cores() // max(n, 1)))
 
 

@@ -243,3 +243,11 @@ def test_a_run_leaves_one_stream_and_a_compiled_train_refuses_streams(tiny_model
     use_streams(2)
     with pytest.raises(ValueError, match="compiled step cannot split"):
         train(None, None, None, [], None, None, TrainingArgs(compile=True))
+
+
+def test_streams_are_made_once_and_reused():
+    use_streams(2)
+    first = list(streams._streams)
+    use_streams(1)
+    use_streams(2)
+    assert streams._streams == first and len(streams._made) >= 2
