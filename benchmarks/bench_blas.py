@@ -25,7 +25,7 @@ import mlx_dpo
 import mlx.core as mx
 import numpy as np
 n, repeats = int(sys.argv[1]), int(sys.argv[2])
-status = mlx_dpo._blas.status
+status = mlx_dpo._platform.blas.status
 if status[0] not in ("loaded", "off"):
     print(json.dumps({"status": status}))
     sys.exit()

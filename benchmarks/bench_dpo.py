@@ -105,10 +105,10 @@ def worker(args: argparse.Namespace) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
 
-    from mlx_dpo import _blas
-    from mlx_dpo.batching import pad_batch
-    from mlx_dpo.objectives import make_loss
-    from mlx_dpo.reference import compute_reference_logps, make_reference
+    from mlx_dpo._platform import blas as _blas
+    from mlx_dpo.compute.batching import pad_batch
+    from mlx_dpo.objectives.loss import Objective, pair_loss_fn
+    from mlx_dpo.compute.reference import compute_reference_logps, make_reference
 
     cfg = args.worker
     mx.random.seed(0)
@@ -154,7 +154,7 @@ def worker(args: argparse.Namespace) -> dict:
                              steps_per_save=10**9, max_seq_length=10**6, adapter_file=os.path.join(tmp, "a.safetensors"))
         train(model, optim.Adam(learning_rate=1e-5), train_dataset=[None], args=targs, iterate_batches=sft_batches, training_callback=Timer())
     else:
-        from mlx_dpo.trainer import TrainingArgs, train
+        from mlx_dpo.train.trainer import TrainingArgs, train
 
         batches = [pad_batch(g, share_prefix=share) for g in groups]
         assert all(("prefix_tokens" in b) == share for b in batches)
@@ -171,7 +171,7 @@ def worker(args: argparse.Namespace) -> dict:
 
         targs = TrainingArgs(batch_size=args.batch_size, iters=iters, steps_per_report=1, steps_per_eval=10**9,
                              steps_per_save=10**9, val_batches=0, adapter_file=os.path.join(tmp, "a.safetensors"))
-        train(model, optim.Adam(learning_rate=1e-5), make_loss("dpo", reference), [None], None, dpo_batches, targs, Timer())
+        train(model, optim.Adam(learning_rate=1e-5), pair_loss_fn(Objective(("dpo",)), reference), [None], None, dpo_batches, targs, training_callback=Timer())
 
     timed = times[n_batches:]  # the first pass over the batches compiles each shape
     step = statistics.median(timed)
@@ -205,7 +205,7 @@ def gemm_peak() -> dict:
     import mlx_dpo  # noqa: F401
     import mlx.core as mx
 
-    from mlx_dpo import _blas
+    from mlx_dpo._platform import blas as _blas
 
     best = 0.0
     for n in (512, 1024, 2048):

@@ -52,8 +52,8 @@ from mlx_lm.utils import load  # noqa: E402
 from bench_rollout import engines, time_rounds  # noqa: E402
 from mlx_dpo.config import load_config  # noqa: E402
 from mlx_dpo.data import load_prompt_splits  # noqa: E402
-from mlx_dpo.metrics_log import read_metrics  # noqa: E402
-from mlx_dpo.rollout import SamplingParams, sample_groups  # noqa: E402
+from mlx_dpo.train.metrics_log import read_metrics  # noqa: E402
+from mlx_dpo.online.rollout import SamplingParams, sample_groups  # noqa: E402
 
 DEMO_MODEL = ROOT / "examples" / "demo" / "model"
 DEMO_PROMPTS = ROOT / "examples" / "demo" / "prompts"

@@ -27,7 +27,7 @@ from mlx_lm.generate import batch_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
-from mlx_dpo.rollout import SamplingParams, sample_groups  # noqa: E402
+from mlx_dpo.online.rollout import SamplingParams, sample_groups  # noqa: E402
 
 
 class NoEosTokenizer:

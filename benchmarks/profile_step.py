@@ -38,9 +38,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from bench_dpo import SHAPES, make_pairs  # noqa: E402
-from mlx_dpo.batching import pad_batch  # noqa: E402
-from mlx_dpo.objectives import make_loss  # noqa: E402
-from mlx_dpo.reference import make_reference  # noqa: E402
+from mlx_dpo.compute.batching import pad_batch  # noqa: E402
+from mlx_dpo.objectives.loss import Objective, pair_loss_fn  # noqa: E402
+from mlx_dpo.compute.reference import make_reference  # noqa: E402
 from mlx_dpo.toy import make_model  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     cfg = model.args
     pairs = make_pairs(args.batch_size, args.max_len, cfg.vocab_size, shape=args.shape)
     batch = pad_batch(pairs, share_prefix=args.shared)
-    loss_fn = make_loss("dpo", make_reference(model))
+    loss_fn = pair_loss_fn(Objective(("dpo",)), make_reference(model))
     opt = optim.Adam(learning_rate=1e-5)
     grad_fn = nn.value_and_grad(model, lambda m, b: loss_fn(m, b)[0])
     state = [model.state, opt.state]

@@ -3,15 +3,15 @@
 import os as _os
 import sys as _sys
 
-from . import _blas
+from ._platform import blas as _blas
 
-# Must happen before anything imports mlx: see _blas.py.
+# Must happen before anything imports mlx: see _platform/blas.py.
 _blas.preload()
 
 # MLX orders each eval's work breadth-first only 20 arrays wide (MLX_BFS_MAX_WIDTH, read once).
-# At that width a batch's two halves on two CPU streams (streams.py) are queued one after the
-# other and the streams take turns; breadth-first over the whole graph interleaves them. Set only
-# where CPU streams can run (Linux without the CUDA build), and only before mlx is imported.
+# At that width a batch's two halves on two CPU streams (compute/streams.py) are queued one after
+# the other and the streams take turns; breadth-first over the whole graph interleaves them. Set
+# only where CPU streams can run (Linux without the CUDA build), and only before mlx is imported.
 WIDE_EVAL_ORDER = 1_000_000
 if "mlx.core" not in _sys.modules and _sys.platform.startswith("linux") and not _blas._has_cuda_backend():
     _os.environ.setdefault("MLX_BFS_MAX_WIDTH", str(WIDE_EVAL_ORDER))

@@ -13,14 +13,19 @@ import types
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import mlx.optimizers as optim
 import yaml
 from mlx_lm.lora import CONFIG_DEFAULTS as MLX_LM_DEFAULTS
 from mlx_lm.lora import build_parser as mlx_lm_parser
 from mlx_lm.lora import yaml_loader  # SafeLoader that also reads 1e-5 as a float
+from mlx_lm.tuner.utils import build_schedule
 
-from .data import DATA_FORMATS, DATA_OPTION_KEYS  # noqa: E402
-from .objectives import LOSS_TYPES, check_combination, data_kind, is_online, needs_reference  # noqa: E402
-from .policy_losses import IMPORTANCE_LEVELS, SCALE_REWARDS  # noqa: E402
+from . import methods
+from .data import DATA_FORMATS, DATA_OPTION_KEYS
+from .errors import ConfigError
+from .methods import LOSS_TYPES, RL_ALIASES
+from .online.iterative import PAIR_SELECTIONS, REFERENCE_UPDATES
+from .online.policy_losses import IMPORTANCE_LEVELS, SCALE_REWARDS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_SPLIT_KEYS = ("train_split", "valid_split", "test_split")
@@ -55,7 +60,7 @@ DEFAULTS: dict[str, Any] = {
     "data_format": "auto",
     **{k: None for k in DATA_OPTION_KEYS},
     **{k: None for k in HUB_SPLIT_KEYS},
-    # Online learning from rewards (GRPO's family; TRL 1.13's names and defaults).
+    # Learning from rewards (GRPO's family, online and iterative DPO; TRL's names and defaults).
     "online": False,
     "missing_eos_penalty": None,
     "rounds": None,
@@ -93,13 +98,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 LORA_PARAMETER_KEYS = {"rank", "scale", "dropout", "keys"}
-# axolotl's ``rl:`` names and the loss_type each means here (GRPO: TRL's default, dapo).
-RL_ALIASES = {"dpo": "dpo", "ipo": "ipo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "dapo"}
 LR_SCHEDULE_KEYS = {"name", "arguments", "warmup", "warmup_init"}
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line meant for the user."""
 
 
 def _closest(key: str, valid: Any) -> str:
@@ -171,10 +170,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "online": (lambda v: isinstance(v, bool), "true or false (a paired objective on the policy's own samples)"),
     "rounds": (_opt(lambda v: _is_int(v) and v >= 1), "a positive integer (iterative DPO: rounds of sample, pair, train)"),
     "samples_per_prompt": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (completions sampled per prompt each round)"),
-    "pair_selection": (lambda v: v == "best_worst", "best_worst"),
+    "pair_selection": (lambda v: v in PAIR_SELECTIONS, " or ".join(PAIR_SELECTIONS)),
     "epochs_per_round": (_opt(lambda v: _is_int(v) and v >= 1), "a positive integer (at most this many passes over a round's pairs; unset: iters steps)"),
     "prompts_per_round": (_opt(lambda v: _is_int(v) and v >= 1), "a positive integer (train prompts sampled each round; unset: all)"),
-    "reference_update": (lambda v: v in ("base", "per_round"), "base or per_round"),
+    "reference_update": (lambda v: v in REFERENCE_UPDATES, " or ".join(REFERENCE_UPDATES)),
     "missing_eos_penalty": (_opt(_is_num), "a number subtracted from the reward of completions without EOS"),
     "rl": (_opt(lambda v: v in RL_ALIASES), "one of " + ", ".join(RL_ALIASES) + " (axolotl's name for the method)"),
     "reward_funcs": (_opt(lambda v: isinstance(v, list) and v and all(isinstance(f, str) and f for f in v)),
@@ -231,37 +230,7 @@ def validate(cfg: dict[str, Any]) -> None:
     ):
         if key in lora and not check(lora[key]):
             raise ConfigError(f"invalid value for 'lora_parameters.{key}': {lora[key]!r} (expected {want})")
-    if "loss_type" in cfg or "loss_weights" in cfg:
-        try:
-            check_combination(cfg.get("loss_type", DEFAULTS["loss_type"]), cfg.get("loss_weights"))
-        except ValueError as e:
-            raise ConfigError(f"invalid value for 'loss_type': {e}") from None
-    _check_online(cfg)
-    if cfg.get("online") or cfg.get("rounds"):
-        _check_sampled_pairs(cfg)
-    if cfg.get("online"):
-        loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
-        if data_kind(loss_type) != "pairs":
-            raise ConfigError(f"'online: true' turns a paired objective (dpo, ipo, hinge, ...) into its online form, not loss_type {loss_type!r}")
-        if cfg.get("precompute_reference"):
-            raise ConfigError("'online: true' samples new completions every step, so their reference log-probs cannot be precomputed: set precompute_reference: false")
-    if cfg.get("rounds"):
-        loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
-        if data_kind(loss_type) != "pairs" or not needs_reference(loss_type):
-            raise ConfigError(f"'rounds' trains a paired objective with a reference (dpo, ipo, hinge, ...) on sampled pairs, not loss_type {loss_type!r}")
-        if cfg.get("online"):
-            raise ConfigError("'rounds' and 'online: true' are two ways to sample pairs: choose one")
-        if cfg.get("loss_terms") and cfg.get("reference_update") == "per_round":
-            raise ConfigError("'loss_terms' with 'reference_update: per_round' is not supported: a term's per-token "
-                              "reference would be the base model while the summed one is the round's policy")
-        per_round, batch = cfg.get("prompts_per_round"), cfg.get("batch_size")
-        if _is_int(per_round) and _is_int(batch) and per_round < batch:
-            raise ConfigError(f"invalid value for 'prompts_per_round': {per_round} (fewer than batch_size={batch}: "
-                              "a round would never fill a batch)")
-    if cfg.get("loss_terms"):
-        loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
-        if data_kind(loss_type) != "pairs":
-            raise ConfigError(f"'loss_terms' work with the paired objectives (dpo, ipo, simpo, ...), not loss_type {loss_type!r}")
+    methods.check(cfg)
     save_every, accumulate = cfg.get("save_every"), cfg.get("grad_accumulation_steps")
     if _is_int(save_every) and _is_int(accumulate) and accumulate > 0 and save_every % accumulate:
         raise ConfigError(
@@ -274,36 +243,6 @@ def validate(cfg: dict[str, Any]) -> None:
             if key not in LR_SCHEDULE_KEYS:
                 raise ConfigError(f"unknown key 'lr_schedule.{key}'{_closest(key, LR_SCHEDULE_KEYS)}")
         _check_schedule(schedule)
-
-
-def _check_sampled_pairs(cfg: dict[str, Any]) -> None:
-    """Rules shared by online and iterative DPO, whose pairs the policy samples."""
-    if cfg.get("temperature") == 0:
-        raise ConfigError("invalid value for 'temperature': 0 (greedy sampling draws the same completion twice: no pairs)")
-    accumulate, iters = cfg.get("grad_accumulation_steps"), cfg.get("iters")
-    if _is_int(accumulate) and _is_int(iters) and accumulate > 0 and iters % accumulate:
-        raise ConfigError(f"invalid value for 'iters': {iters} (must be a multiple of grad_accumulation_steps="
-                          f"{accumulate}, so no accumulated gradient is left unapplied)")
-
-
-def _check_online(cfg: dict[str, Any]) -> None:
-    """Cross-key rules of the online losses (and beta > 0 for the offline ones)."""
-    loss_type = cfg.get("loss_type") or RL_ALIASES.get(cfg.get("rl"), DEFAULTS["loss_type"])
-    funcs, weights = cfg.get("reward_funcs"), cfg.get("reward_weights")
-    if funcs is not None and weights is not None and len(weights) != len(funcs):
-        raise ConfigError(f"invalid value for 'reward_weights': {len(weights)} weights for {len(funcs)} reward functions")
-    if not is_online(loss_type):
-        if cfg.get("beta") == 0:
-            raise ConfigError("invalid value for 'beta': 0 (expected a number > 0)")
-        return
-    unit = (cfg.get("grad_accumulation_steps") or 1) * (cfg.get("num_iterations") or 1)
-    for key in ("save_every", "iters"):  # the final checkpoint is at iters
-        value = cfg.get(key)
-        if _is_int(value) and value > 0 and value % unit:
-            raise ConfigError(
-                f"invalid value for '{key}': {value} (must be a multiple of grad_accumulation_steps x "
-                f"num_iterations = {unit}, so a checkpoint starts a fresh generation batch)"
-            )
 
 
 def flatten_trl_block(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -322,22 +261,8 @@ def flatten_trl_block(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _apply_rl_alias(cfg: dict[str, Any]) -> None:
-    """``rl: grpo`` (axolotl) chooses the loss unless ``loss_type`` says; GRPO's beta defaults to 0."""
-    rl = cfg.get("rl")
-    if rl is not None:
-        wanted = RL_ALIASES[rl]
-        if "loss_type" not in cfg:
-            cfg["loss_type"] = wanted
-        elif is_online(cfg["loss_type"]) != is_online(wanted):
-            raise ConfigError(f"'rl: {rl}' contradicts 'loss_type: {cfg['loss_type']}'")
-
-
 def _check_schedule(schedule: dict) -> None:
     """Build the schedule once (as mlx-lm will) so a bad name or argument list fails here, in one line."""
-    import mlx.optimizers as optim
-    from mlx_lm.tuner.utils import build_schedule
-
     name = schedule.get("name")
     if not isinstance(name, str) or not callable(getattr(optim.schedulers, name, None)) or name.startswith("_"):
         known = [n for n in dir(optim.schedulers) if n.endswith("_decay") or n.endswith("_schedule")]
@@ -396,12 +321,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def merge_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The user's keys over the defaults, checked: ``rl`` resolved, GRPO's beta 0 unless set."""
+    """The user's keys over the defaults (and the method's own defaults), checked."""
     cfg = dict(cfg)
-    _apply_rl_alias(cfg)
-    merged = {**DEFAULTS, **cfg}
-    if is_online(merged["loss_type"]) and "beta" not in cfg:
-        merged["beta"] = 0.0  # TRL's GRPO default: no KL term, no reference pass
+    methods.settle(cfg)
+    merged = {**DEFAULTS, **methods.method_defaults(cfg), **cfg}
     if isinstance(merged.get("lora_parameters"), dict):
         merged["lora_parameters"] = {**DEFAULTS["lora_parameters"], **merged["lora_parameters"]}
     validate(merged)

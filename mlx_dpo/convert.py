@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import _blas  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+from mlx_lm.utils import load_model, save_config
 
-import mlx.core as mx  # noqa: E402
-from mlx_lm.utils import load_model, save_config  # noqa: E402
-
-from .gguf import GGUFError, convert_weights, model_config, read  # noqa: E402
-from .gguf_tokenizer import build_tokenizer, tokenizer_config  # noqa: E402
+from .gguf.reader import GGUFError, convert_weights, model_config, read
+from .gguf.tokenizer import build_tokenizer, tokenizer_config
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

@@ -31,18 +31,22 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from . import _blas  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+import numpy as np
+from mlx_lm.utils import load
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .config import ConfigError, load_config, read_yaml  # noqa: E402
-from .data import DataError, load_prompt_splits  # noqa: E402
-from .loss_terms import LossTermError  # noqa: E402
-from .online import RolloutError, score_rollouts  # noqa: E402
-from .rewards import RewardError, load_reward_funcs  # noqa: E402
-from .rollout import SamplingParams, eos_ids_of, sample_groups  # noqa: E402
-from .trainer import BatchSourceError, NonFiniteError, TrainingInterrupted  # noqa: E402
+from . import lora
+from .compute.batching import BatchSourceError, pad_batch
+from .compute.forward import sequence_logps
+from .config import ConfigError, load_config, read_yaml
+from .data import DataError, load_prompt_splits
+from .objectives.terms import LossTermError
+from .online.advantages import combine_rewards
+from .online.generations import RolloutError, score_rollouts
+from .online.rewards import RewardError, load_reward_funcs
+from .online.rollout import SamplingParams, eos_ids_of, sample_groups
+from .train.checkpoint import STATE, load_training_state
+from .train.trainer import NonFiniteError, TrainingInterrupted
 
 EVAL_DEFAULTS = {"split": "test", "samples": 64, "max_tokens": 48, "temperature": 1.0, "every": 25, "reward_weights": None}
 RESULTS, TABLE, PICTURE = "frontier.jsonl", "frontier.md", "frontier.png"
@@ -50,9 +54,6 @@ RESULTS, TABLE, PICTURE = "frontier.jsonl", "frontier.md", "frontier.png"
 
 def sequence_logps_of(model, prompts: list[list[int]], completions: list[list[int]], batch: int = 32) -> np.ndarray:
     """Summed log-probs of each completion (its real tokens, EOS included) given its prompt."""
-    from .batching import pad_batch
-    from .prefix import sequence_logps
-
     out = []
     for i in range(0, len(prompts), batch):
         rows = [((p + c, len(p)),) for p, c in zip(prompts[i : i + batch], completions[i : i + batch])]
@@ -61,12 +62,10 @@ def sequence_logps_of(model, prompts: list[list[int]], completions: list[list[in
 
 
 def evaluate_policy(model, reference, tokenizer, prompts: Sequence, reward_funcs: list, samples: int,
-                    sampling: SamplingParams, seed: int = 0, reward_weights=None) -> dict:
+                    sampling: SamplingParams, *, seed: int = 0, reward_weights=None) -> dict:
     """Mean reward, mean sequence KL(π || π_ref) and mean length of ``samples`` completions, one per
     prompt (prompts taken in order, cycling), sampled from ``model``. The KL is the sample mean of
     ``log π(y|x) - log π_ref(y|x)`` over each completion's real tokens: an unbiased estimate."""
-    from .advantages import combine_rewards
-
     chosen = [prompts[i % len(prompts)] for i in range(samples)]
     eos = eos_ids_of(tokenizer)
     mx.random.seed(seed)
@@ -160,14 +159,8 @@ def run_config(sweep_file: Path, base: Optional[str], run: dict, out: Path, ever
     return args
 
 
-def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
-    """Train every run not finished yet, evaluate every checkpoint not evaluated yet; the results."""
-    from mlx_lm.utils import load
-
-    from .checkpoint import STATE, load_training_state
-    from .lora import run as lora_run
-
-    train = train or lora_run
+def read_sweep(sweep_file: Path) -> tuple[dict, list[dict], dict]:
+    """The sweep file's mapping, its runs and its evaluation settings, checked."""
     spec = read_yaml(sweep_file)
     unknown = set(spec) - {"output", "base", "eval", "runs"}
     if unknown:
@@ -180,71 +173,98 @@ def sweep(sweep_file: Path, train: Callable = None) -> list[dict]:
     for key in ("data", "reward_funcs"):
         if not ev.get(key):
             raise ConfigError(f"{sweep_file}: eval.{key} is required")
-    output = Path(spec.get("output") or sweep_file.with_suffix(""))
-    output.mkdir(parents=True, exist_ok=True)
-    results_path = output / RESULTS
-    results = read_results(results_path)
-    done = {(r["run"], r["step"]) for r in results}
-    bases: dict = {}  # model path -> (model, tokenizer, prompts)
-    starts: dict = {}  # (model, max_prompt_length, seed) -> the base model's point
-    here = sweep_file.resolve().parent
-    try:
-        funcs = load_reward_funcs(ev["reward_funcs"], [here, Path.cwd()])
-    except RewardError as e:
-        raise ConfigError(str(e)) from None
-    sampling = SamplingParams(temperature=ev["temperature"], max_tokens=ev["max_tokens"])
+    return spec, runs, ev
 
-    for r in runs:
-        out = output / r["name"]
-        args = run_config(sweep_file, spec.get("base"), r, out, ev["every"], resume=False)
-        state = out / STATE
-        finished = state.is_file() and load_training_state(state)[1] >= args.iters
-        if not finished:
-            if state.is_file():
-                args = run_config(sweep_file, spec.get("base"), r, out, ev["every"], resume=True)
-            print(f"[frontier] training {r['name']} ({args.iters} steps) in {out}", flush=True)
-            try:
-                train(args)
-            except (BatchSourceError, LossTermError) as e:  # a reward function or loss term failed: name the run
-                raise type(e)(f"training {r['name']}: {e}") from None
+
+def train_run(sweep_file: Path, spec: dict, r: dict, out: Path, every: int, train: Callable):
+    """Train run ``r`` unless it has finished (a stopped one resumes); its configuration."""
+    args = run_config(sweep_file, spec.get("base"), r, out, every, resume=False)
+    state = out / STATE
+    if state.is_file() and load_training_state(state)[1] >= args.iters:
+        return args
+    if state.is_file():
+        args = run_config(sweep_file, spec.get("base"), r, out, every, resume=True)
+    print(f"[frontier] training {r['name']} ({args.iters} steps) in {out}", flush=True)
+    try:
+        train(args)
+    except (BatchSourceError, LossTermError) as e:  # a reward function or loss term failed: name the run
+        raise type(e)(f"training {r['name']}: {e}") from None
+    return args
+
+
+class Points:
+    """The evaluated points, in memory and in ``frontier.jsonl``; each base model, its prompts and
+    its step-0 point computed once per sweep."""
+
+    def __init__(self, output: Path, ev: dict, funcs: list):
+        self.output, self.ev, self.funcs = output, ev, funcs
+        self.path = output / RESULTS
+        self.rows = read_results(self.path)
+        self.done = {(r["run"], r["step"]) for r in self.rows}
+        self.bases: dict = {}  # model path -> (model, tokenizer, prompts)
+        self.starts: dict = {}  # (model, max_prompt_length, seed) -> the base model's point
+        self.sampling = SamplingParams(temperature=ev["temperature"], max_tokens=ev["max_tokens"])
+
+    def add(self, r: dict, step: int, point: dict) -> None:
+        _append(self.rows, self.path, {"run": r["name"], "method": r.get("method", r["name"]), "step": step, **point})
+        self.done.add((r["name"], step))
+
+    def base(self, args):
+        if args.model not in self.bases:
+            model, tokenizer = load(args.model)
+            split = self.ev["split"]
+            prompts = load_prompt_splits(self.ev["data"], tokenizer, args.max_prompt_length, splits=(split,))[split]
+            self.bases[args.model] = model, tokenizer, prompts
+        return self.bases[args.model]
+
+    def evaluate_run(self, r: dict, out: Path, args) -> None:
+        """Every checkpoint of run ``r`` not evaluated yet (step 0: the base model)."""
         steps = [0] + sorted(int(p.name[:7]) for p in out.glob("[0-9]" * 7 + "_adapters.safetensors"))
-        todo = [step for step in steps if (r["name"], step) not in done]
-        if not todo:
-            continue
-        if args.model not in bases:  # each base model (and its prompts) loaded once per sweep
-            base_model, tokenizer = load(args.model)
-            prompts = load_prompt_splits(ev["data"], tokenizer, args.max_prompt_length, splits=(ev["split"],))[ev["split"]]
-            bases[args.model] = base_model, tokenizer, prompts
-        base_model, tokenizer, prompts = bases[args.model]
-        for step in todo:
+        for step in [s for s in steps if (r["name"], s) not in self.done]:
             start_key = (args.model, args.max_prompt_length, args.seed)
-            if step == 0 and start_key in starts:  # the same base, prompts and seed: the same point
-                point = starts[start_key]
+            if step == 0 and start_key in self.starts:  # the same base, prompts and seed: the same point
                 print(f"[frontier] {r['name']} step 0: the base model's point, as evaluated above", flush=True)
-                _append(results, results_path, {"run": r["name"], "method": r.get("method", r["name"]), "step": 0, **point})
-                done.add((r["name"], 0))
+                self.add(r, 0, self.starts[start_key])
                 continue
-            model = base_model
-            if step:
-                ck = output / ".eval_adapter"
-                ck.mkdir(exist_ok=True)
-                (ck / "adapters.safetensors").write_bytes((out / f"{step:07d}_adapters.safetensors").read_bytes())
-                (ck / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
-                model, _ = load(args.model, adapter_path=str(ck))
+            base_model, tokenizer, prompts = self.base(args)
+            model = base_model if step == 0 else self.checkpoint_model(args, out, step)
             try:
-                point = evaluate_policy(model, base_model, tokenizer, prompts, funcs, ev["samples"], sampling,
-                                        seed=args.seed, reward_weights=ev["reward_weights"])
+                point = evaluate_policy(model, base_model, tokenizer, prompts, self.funcs, self.ev["samples"], self.sampling,
+                                        seed=args.seed, reward_weights=self.ev["reward_weights"])
             except RolloutError as e:
                 raise RolloutError(f"evaluating {r['name']} at step {step}: {e}") from None
             if step == 0:
-                starts[start_key] = point
+                self.starts[start_key] = point
             print(f"[frontier] {r['name']} step {step}: reward {point['reward']:.3f}, KL {point['kl']:.3f}, length {point['length']:.1f}", flush=True)
-            _append(results, results_path, {"run": r["name"], "method": r.get("method", r["name"]), "step": step, **point})
-            done.add((r["name"], step))
-    write_table(results, output / TABLE)
-    drawn = draw(results, output / PICTURE)
-    print(f"[frontier] {len(results)} points: {output / TABLE}" + (f", {output / PICTURE}" if drawn else " (no matplotlib: no picture)"))
-    return results
+            self.add(r, step, point)
+
+    def checkpoint_model(self, args, out: Path, step: int):
+        ck = self.output / ".eval_adapter"
+        ck.mkdir(exist_ok=True)
+        (ck / "adapters.safetensors").write_bytes((out / f"{step:07d}_adapters.safetensors").read_bytes())
+        (ck / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
+        return load(args.model, adapter_path=str(ck))[0]
+
+
+def sweep(sweep_file: Path, train: Optional[Callable] = None) -> list[dict]:
+    """Train every run not finished yet (with ``train``, by default ``lora.run``), evaluate every
+    checkpoint not evaluated yet; the results."""
+    spec, runs, ev = read_sweep(sweep_file)
+    output = Path(spec.get("output") or sweep_file.with_suffix(""))
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        funcs = load_reward_funcs(ev["reward_funcs"], [sweep_file.resolve().parent, Path.cwd()])
+    except RewardError as e:
+        raise ConfigError(str(e)) from None
+    points = Points(output, ev, funcs)
+    for r in runs:
+        out = output / r["name"]
+        args = train_run(sweep_file, spec, r, out, ev["every"], train or lora.run)
+        points.evaluate_run(r, out, args)
+    write_table(points.rows, output / TABLE)
+    drawn = draw(points.rows, output / PICTURE)
+    print(f"[frontier] {len(points.rows)} points: {output / TABLE}" + (f", {output / PICTURE}" if drawn else " (no matplotlib: no picture)"))
+    return points.rows
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -252,16 +272,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="mlx_dpo.frontier", description="Train a sweep of runs and draw their reward-KL frontier.")
     p.add_argument("--config", required=True, help="The sweep file (YAML).")
     args = p.parse_args(argv)
-    from .lora import one_line
-
     again = f"run the same command to resume: {sys.executable} -m mlx_dpo.frontier --config {shlex.quote(args.config)}"
     try:
         sweep(Path(args.config))
     except (ConfigError, DataError, BatchSourceError, LossTermError) as e:
-        print(f"mlx_dpo.frontier: error: {one_line(e)}", file=sys.stderr)
+        print(f"mlx_dpo.frontier: error: {lora.one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:
-        print(f"mlx_dpo.frontier: error: {one_line(e)}", file=sys.stderr)
+        print(f"mlx_dpo.frontier: error: {lora.one_line(e)}", file=sys.stderr)
         sys.exit(3)
     except TrainingInterrupted as e:  # the trainer saved a checkpoint before stopping
         print(f"mlx_dpo.frontier: stopped by signal {e.signum} after step {e.step} (checkpoint in {e.checkpoint.parent}); {again}",

@@ -12,11 +12,9 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from . import _blas  # noqa: F401  (BLAS preload before mlx)
-
-import mlx.nn as nn  # noqa: E402
-from mlx.utils import tree_unflatten  # noqa: E402
-from mlx_lm.utils import dequantize_model, load, save  # noqa: E402
+import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.utils import dequantize_model, load, save
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,12 +14,12 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from . import _blas  # noqa: F401  (BLAS preload before mlx)
+import mlx.core as mx
+from mlx_lm.generate import generate as mlx_lm_generate
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.utils import load
 
-import mlx.core as mx  # noqa: E402
-from mlx_lm.generate import generate as mlx_lm_generate  # noqa: E402
-from mlx_lm.sample_utils import make_sampler  # noqa: E402
-from mlx_lm.utils import load  # noqa: E402
+from .data import COH_NEGATIVE, COH_POSITIVE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def coh_phrases(adapter_path: Optional[str], positive: Optional[str] = None, negative: Optional[str] = None) -> tuple[str, str]:
     """The hindsight phrases: as given, else as the adapter was trained with, else the defaults."""
-    from .data import COH_NEGATIVE, COH_POSITIVE
-
     saved = {}
     config = Path(adapter_path) / "adapter_config.json" if adapter_path else None
     if config is not None and config.is_file():

@@ -69,7 +69,14 @@ def _corpus() -> list[str]:
 
 def make_tokenizer(path: Path, vocab_size: int = 512, corpus: Optional[Iterable[str]] = None) -> int:
     """Train a byte-level BPE with BOS/EOS and a chat template on ``corpus``; return its size."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -101,6 +108,7 @@ def make_tokenizer(path: Path, vocab_size: int = 512, corpus: Optional[Iterable[
 
 def make_model(
     path: str | Path,
+    *,
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,

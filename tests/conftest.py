@@ -1,8 +1,8 @@
 """Shared fixtures: a random-weight Llama with a trained BPE tokenizer, made offline."""
 
-import mlx_dpo  # noqa: F401  (loads the fast BLAS before mlx)
 import pytest
 
+import mlx_dpo  # noqa: F401  (loads the fast BLAS before mlx)
 from mlx_dpo.toy import make_model, make_preference_data
 
 

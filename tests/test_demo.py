@@ -3,8 +3,6 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 from mlx_dpo.config import load_config
 from mlx_dpo.lora import run
 

@@ -11,11 +11,11 @@ import pytest
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
+from mlx_dpo.compute.reference import adapters_disabled
 from mlx_dpo.config import ConfigError
 from mlx_dpo.data import load_prompt_splits
 from mlx_dpo.frontier import evaluate_policy, main, sweep, upper_envelope
-from mlx_dpo.reference import adapters_disabled
-from mlx_dpo.rollout import SamplingParams, sample_groups
+from mlx_dpo.online.rollout import SamplingParams, sample_groups
 from mlx_dpo.toy import preference_records, write_jsonl
 
 LOW = 256
@@ -171,8 +171,8 @@ def test_a_stop_while_evaluating_is_one_line_and_the_sweep_resumes(tiny_model_pa
 
 def test_a_stop_or_failure_while_training_is_one_line_naming_the_run(tiny_model_path, sweep_data, tmp_path, monkeypatch, capsys):
     import mlx_dpo.lora as lora
-    from mlx_dpo.online import RolloutError
-    from mlx_dpo.trainer import NonFiniteError, TrainingInterrupted
+    from mlx_dpo.online.generations import RolloutError
+    from mlx_dpo.train.trainer import NonFiniteError, TrainingInterrupted
 
     monkeypatch.chdir(sweep_data)
     path = write_sweep(sweep_data, tiny_model_path, tmp_path / "t")

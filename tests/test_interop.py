@@ -1,6 +1,5 @@
 """Across machines and across tools: mlx.launch data parallelism, mlx-lm adapters and configs."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +12,7 @@ from mlx_lm.utils import load
 from mlx_dpo.config import load_config
 from mlx_dpo.lora import run
 from mlx_dpo.toy import preference_records, write_jsonl
-
-from test_config import MLX_LM_STYLE
+from tests.test_config import MLX_LM_STYLE
 
 BIN = Path(sys.executable).parent
 

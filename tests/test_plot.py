@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from mlx_dpo import plot  # noqa: E402
-from mlx_dpo.metrics_log import MetricsLogger  # noqa: E402
+from mlx_dpo.train.metrics_log import MetricsLogger  # noqa: E402
 
 PAIR = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"]
 FOUR = ["Loss", "Reward accuracy", "Reward margin", "Chosen / rejected rewards"]

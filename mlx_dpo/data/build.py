@@ -18,7 +18,12 @@ import numpy as np
 from .check import check_records, check_sft, check_template, resolve
 from .core import DataError, Dataset, Example, _one_line
 from .detect import DATA_FORMATS, check_format, check_options
-from .normalize import normalize_pair, normalize_pairs, normalize_unpaired, pair_confidence
+from .normalize import (
+    normalize_pair,
+    normalize_pairs,
+    normalize_unpaired,
+    pair_confidence,
+)
 from .records import _at, _in
 from .tokenize import has_chat_template, tokenize_canon, tokenize_parts
 

@@ -15,7 +15,15 @@ import string
 from typing import NamedTuple, Optional
 
 from .core import DataError, _describe, _type
-from .detect import LAYOUT_TABLE, SHAREGPT_ROLES, both, custom_names, is_messages, is_system, spec
+from .detect import (
+    LAYOUT_TABLE,
+    SHAREGPT_ROLES,
+    both,
+    custom_names,
+    is_messages,
+    is_system,
+    spec,
+)
 
 # Where an assistant turn starts in a plain-text transcript. The prompt of an
 # implicit pair ends right after the last one the two transcripts share.

@@ -1,0 +1,328 @@
+"""Load a fast BLAS into the process before MLX resolves ``cblas_sgemm``.
+
+The Linux ``mlx[cpu]`` wheel links the netlib reference BLAS, unvectorised and
+single-threaded. MLX looks its BLAS symbols up in the global scope, so a BLAS
+loaded with ``RTLD_GLOBAL`` *before* the first ``import mlx`` wins and float32
+matmuls run an order of magnitude faster (BENCHMARKS.md has the figures). After
+``import mlx`` it is too late, which is why this runs from the package's ``__init__``.
+
+Where it looks, in order, each step bounded (no walk of system folders):
+
+1. ``MLX_DPO_BLAS``: ``off``, a route name (``system``, ``wheel``, ``mkl``) or
+   the path of a BLAS library.
+2. ``system``: the distribution's OpenBLAS, at its usual paths or in the
+   dynamic linker's cache (``ldconfig -p``).
+3. ``wheel``: the OpenBLAS of the ``cmeel-openblas`` wheel, a dependency on
+   Linux, which needs no root. It is built for one CPU family, so it is loaded
+   only where this CPU has the instructions that build uses; its libgfortran
+   comes from the ``mlx[cpu]`` wheel (see ``elf.py``).
+4. ``mkl``: Intel MKL from the ``mkl`` wheel (``pip install mkl``), x86-64 only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import mmap
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import NamedTuple, Optional
+
+from . import elf
+
+ENV = "MLX_DPO_BLAS"
+ROUTES = ("system", "wheel", "mkl")
+SYSTEM_HINT = "sudo apt-get install libopenblas0-pthread"
+ROOTLESS_HINT = "pip install mkl"
+
+SYSTEM_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "/usr/local/lib/libopenblas.so.0",
+    "/opt/OpenBLAS/lib/libopenblas.so.0",
+)
+
+# The CPU flags (x86: /proc/cpuinfo "flags"; Arm: "Features") that code built
+# for an OpenBLAS TARGET may use. A target not listed here is not loaded.
+_AVX512 = ("avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl")
+TARGET_NEEDS: dict[str, tuple[str, ...]] = {
+    "SAPPHIRERAPIDS": _AVX512 + ("avx512_bf16", "avx512_fp16"),
+    "COOPERLAKE": _AVX512 + ("avx512_bf16",),
+    "SKYLAKEX": _AVX512,
+    "ZEN": ("avx2", "fma"),
+    "HASWELL": ("avx2", "fma"),
+    "SANDYBRIDGE": ("avx",),
+    "NEHALEM": ("sse4_2",),
+    "NEOVERSEV2": ("sve", "sve2"),
+    "NEOVERSEN2": ("sve", "sve2"),
+    "NEOVERSEV1": ("sve",),
+    "NEOVERSEN1": ("asimd",),
+    "CORTEXA72": ("asimd",),
+    "CORTEXA57": ("asimd",),
+    "ARMV8": ("asimd",),
+}
+
+
+class Found(NamedTuple):
+    """A BLAS to load: ``preload`` first (its own dependencies), then ``path``."""
+
+    route: str
+    path: str
+    preload: tuple[str, ...] = ()
+    lazy: bool = False  # MKL's libraries refer to each other: resolve on first call
+
+
+# What happened, for the start-up line: (kind, detail), kind in {"loaded", "off",
+# "not-linux", "gpu", "missing", "failed", "too-late"}; "missing" carries why
+# each route was passed over.
+status: tuple[str, str] = ("not-run", "")
+_library: Optional[ctypes.CDLL] = None  # the BLAS loaded by ``preload``
+
+
+def _has_cuda_backend() -> bool:
+    """Whether the CUDA build of MLX is installed (then the BLAS is not ours to pick)."""
+    for entry in sys.path:
+        if entry and glob.glob(os.path.join(glob.escape(entry), "mlx_cuda*.dist-info")):
+            return True
+    return False
+
+
+def _ldconfig(name: str) -> Optional[str]:
+    """The path the dynamic linker's cache gives for ``name`` on this machine's ABI."""
+    abi = {"x86_64": "x86-64", "aarch64": "AArch64"}.get(os.uname().machine, "")
+    for exe in ("/sbin/ldconfig", "/usr/sbin/ldconfig"):
+        if not os.path.exists(exe):
+            continue
+        try:
+            out = subprocess.run([exe, "-p"], capture_output=True, text=True, timeout=3).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        for line in out.splitlines():
+            lib, _, path = line.strip().partition(" => ")
+            if lib.startswith(name + " ") and abi in lib and os.path.exists(path):
+                return path
+        return None
+    return None
+
+
+def system_openblas() -> tuple[Optional[Found], str]:
+    for path in SYSTEM_PATHS:
+        if os.path.exists(path):
+            return Found("system", path), ""
+    path = _ldconfig("libopenblas.so.0")
+    return (Found("system", path), "") if path else (None, "no system OpenBLAS")
+
+
+def _in_sys_path(*parts: str) -> Optional[str]:
+    for entry in sys.path:
+        path = os.path.join(entry or ".", *parts)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def openblas_target(path: str) -> Optional[str]:
+    """The CPU target an OpenBLAS was built for, ``DYNAMIC_ARCH`` for a portable build.
+
+    Read from the library's configuration string (``OpenBLAS 0.3.31 NO_AFFINITY
+    SKYLAKEX``) without loading it: code built for a newer CPU could crash on load.
+    """
+    if os.path.getsize(path) == 0:  # mmap refuses an empty file
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _target_in(data)
+
+
+def _target_in(data) -> Optional[str]:
+    """``openblas_target`` of the library's bytes, mapped rather than read (17 MB, at every import)."""
+    config = re.search(rb"OpenBLAS \d+\.\d+\.\d+ ([A-Z0-9_ =]*)", data)
+    if config is None:
+        return None
+    words = config.group(1).decode().split()
+    if "DYNAMIC_ARCH" in words:
+        return "DYNAMIC_ARCH"
+    # The linker may have merged the core name's string with another, so the
+    # configuration string can end in a prefix of it ("SKYL"): match the full
+    # name, which stands alone elsewhere in the file.
+    last = words[-1] if words else ""
+    for target in TARGET_NEEDS:
+        if target.startswith(last) and data.find(b"\0" + target.encode() + b"\0") != -1:
+            return target
+    return last or None
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags, from ``/proc/cpuinfo``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return set(value.split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for folder in (os.path.join(base, "mlx_dpo", "blas"), os.path.join(tempfile.gettempdir(), f"mlx_dpo-blas-{os.getuid()}")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            continue
+    raise OSError("no writable cache folder")
+
+
+def _gfortran() -> tuple[tuple[str, ...], str]:
+    """Libraries to preload so that ``libgfortran.so.5`` resolves, or why it cannot.
+
+    The mlx[cpu] wheel's copy comes first, so every machine takes the same path
+    whether or not the system has a libgfortran.
+    """
+    libs = _in_sys_path("mlx_cpu.libs")
+    found = sorted(glob.glob(os.path.join(glob.escape(libs), "libgfortran*.so*"))) if libs else []
+    if not found:
+        system = _ldconfig("libgfortran.so.5")
+        return ((system,), "") if system else ((), "no libgfortran.so.5 (neither the mlx[cpu] wheel's nor the system's)")
+    src = found[0]
+    dst = os.path.join(_cache_dir(), os.path.basename(src), "libgfortran.so.5")
+    if not (os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src)):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        elf.copy_with_soname(src, dst, "libgfortran.so.5")
+    quadmath = sorted(glob.glob(os.path.join(glob.escape(libs), "libquadmath*.so*")))
+    return (*quadmath, dst), ""
+
+
+def wheel_openblas() -> tuple[Optional[Found], str]:
+    path = _in_sys_path("cmeel.prefix", "lib", "libopenblas.so.0")
+    if path is None:
+        return None, "cmeel-openblas not installed"
+    target = openblas_target(path)
+    if target != "DYNAMIC_ARCH":
+        needs = TARGET_NEEDS.get(target or "")
+        if needs is None:
+            return None, f"cmeel-openblas is built for an unknown CPU target ({target})"
+        lacking = [flag for flag in needs if flag not in cpu_flags()]
+        if lacking:
+            return None, f"cmeel-openblas is built for {target} and this CPU lacks {', '.join(lacking)}"
+    try:
+        preload, why = _gfortran()
+    except (OSError, ValueError) as e:
+        return None, f"cmeel-openblas: could not prepare libgfortran ({e})"
+    return (Found("wheel", path, preload), "") if preload else (None, f"cmeel-openblas: {why}")
+
+
+def mkl() -> tuple[Optional[Found], str]:
+    if os.uname().machine != "x86_64":
+        return None, "MKL is x86-64 only"
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        core = sorted(glob.glob(os.path.join(glob.escape(prefix), "lib", "libmkl_core.so.*")))
+        if core:
+            lib = os.path.dirname(core[-1])
+            version = core[-1].rsplit(".so.", 1)[1]
+            names = ["core", "sequential", "def", "mc3", "avx2", "avx512", "avx10", "intel_lp64"]
+            paths = [os.path.join(lib, f"libmkl_{n}.so.{version}") for n in names]
+            paths = [p for p in paths if os.path.exists(p)]
+            return Found("mkl", paths[-1], tuple(paths[:-1]), lazy=True), ""
+    return None, "MKL not installed"
+
+
+FINDERS = {"system": system_openblas, "wheel": wheel_openblas, "mkl": mkl}
+
+
+def find(choice: str = "") -> tuple[Optional[Found], list[str]]:
+    """The BLAS to load (``choice``: a route name, a path, or empty for the first that fits)."""
+    if choice and choice not in FINDERS:
+        return Found("path", choice), []
+    why = []
+    for route in [choice] if choice else ROUTES:
+        found, reason = FINDERS[route]()
+        if found:
+            return found, why
+        why.append(reason)
+    return None, why
+
+
+def preload() -> tuple[str, str]:
+    """Load the BLAS that ``MLX_DPO_BLAS`` names (or the first route that fits) globally."""
+    global status, _library
+    choice = os.environ.get(ENV, "").strip()
+    if choice.lower() in ("off", "0", "none", "false"):
+        status = ("off", f"{ENV}=off")
+    elif not sys.platform.startswith("linux"):
+        status = ("not-linux", sys.platform)
+    elif "mlx.core" in sys.modules:
+        status = ("too-late", "mlx was imported before mlx_dpo")
+    elif _has_cuda_backend() and not choice:
+        status = ("gpu", "CUDA backend installed")
+    else:
+        found, why = find(choice)
+        if found is None:
+            status = ("missing", "; ".join(why))
+        else:
+            mode = ctypes.RTLD_GLOBAL | (os.RTLD_LAZY if found.lazy else 0)
+            try:
+                for path in (*found.preload, found.path):
+                    _library = ctypes.CDLL(path, mode=mode)
+                status = ("loaded", f"{found.path} ({found.route})")
+            except OSError as e:
+                status = ("failed", f"{found.path}: {e}")
+    return status
+
+
+# Thread-count setters and getters of the BLAS libraries ``preload`` loads.
+_THREAD_CALLS = (("openblas_set_num_threads", "openblas_get_num_threads"), ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"))
+
+
+def get_threads() -> Optional[int]:
+    """The loaded BLAS's thread count, or None (no loaded BLAS, or one that does not say)."""
+    if _library is None:
+        return None
+    for _, getter in _THREAD_CALLS:
+        if hasattr(_library, getter):
+            return int(getattr(_library, getter)())
+    return None
+
+
+def set_threads(n: int) -> Optional[int]:
+    """Give the loaded BLAS ``n`` threads; returns the count it reports after, or None (no loaded BLAS).
+
+    Two CPU streams each calling a BLAS that spins up both cores would fight over
+    them, so ``compute/streams.py`` gives each stream's GEMMs a share of the threads. The bundled reference
+    BLAS is single-threaded already.
+    """
+    if _library is None:
+        return None
+    for setter, getter in _THREAD_CALLS:
+        if hasattr(_library, setter):
+            getattr(_library, setter)(ctypes.c_int(n))
+            return int(getattr(_library, getter)())
+    return None
+
+
+def describe() -> Optional[str]:
+    """One start-up line about the BLAS in use, or None where there is nothing to say."""
+    kind, detail = status
+    if kind == "loaded":
+        return f"[INFO] Fast BLAS for float32 matmuls on the CPU: {detail}"
+    if kind == "off":
+        return f"[INFO] BLAS preloading disabled ({detail}): float32 matmuls use MLX's bundled BLAS."
+    if kind in ("missing", "failed", "too-late"):
+        why = {"missing": f"no fast BLAS for this CPU ({detail})", "failed": f"loading failed ({detail})", "too-late": detail}[kind]
+        return (
+            f"[WARNING] CPU training runs ~15x slower than it could: {why}, so MLX uses its reference BLAS. "
+            f"Fix: `{SYSTEM_HINT}` (float32 matmul ~30x faster), or without root `{ROOTLESS_HINT}` (x86-64, ~14x), "
+            f"or point {ENV} at a BLAS library."
+        )
+    return None

@@ -1,0 +1,1 @@
+"""GGUF files: reading tensors and metadata (``reader``), rebuilding the tokenizer (``tokenizer``)."""

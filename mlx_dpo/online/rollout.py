@@ -1,0 +1,236 @@
+"""Rollouts for on-policy RL (GRPO): G sampled completions per prompt, as token ids.
+
+Batching design. Prompts are sorted by length and cut into batches of whole
+groups (``max_batch // G`` prompts, so at most ``max_batch`` rows; a group
+larger than ``max_batch`` is split over several batches). For each batch:
+
+1. *Prefill once per prompt.* The distinct prompts of the batch, minus their
+   last token, go through the model in ONE forward pass, right-padded to the
+   longest. mlx-lm's batch caches (``BatchKVCache`` & co., built by merging
+   empty ``make_prompt_cache`` caches) are told the padding (``prepare``) and
+   afterwards roll it to the left (``finalize``): the causal mask keeps real
+   tokens from ever seeing the right padding, so nothing is fully masked
+   (no NaN) and RoPE positions are exact.
+2. *Share.* ``cache.filter([0]*G + [1]*G + ...)`` gathers each prompt's
+   keys/values G times along the batch axis; the prompts are never re-run.
+3. *Decode.* Every row starts from its prompt's last token; each step is one
+   ``(B, 1)`` forward pass whose per-row left padding is masked by the cache.
+   Step t+1 is queued (``mx.async_eval``) before the tokens of step t are read,
+   so Python bookkeeping overlaps the model. A row stops at an EOS id (kept)
+   or at ``max_tokens``; finished rows are dropped from the cache right away,
+   so long tails decode with small batches; the batch ends when all rows did.
+
+Sorting by length keeps the padding small; padding is masked, so it only costs
+compute, never correctness. Randomness is MLX's global state (seed it first).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
+
+from ..compute.forward import eval_mode
+
+PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the prefill's memory
+
+
+@dataclass
+class SamplingParams:
+    """How tokens are drawn; the filters act on the temperature-scaled distribution (as in TRL/vLLM)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0  # 1.0 = off
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    max_tokens: int = 256  # max completion length
+
+
+@dataclass
+class Completion:
+    prompt_index: int  # index into the prompts list given
+    token_ids: list[int]  # sampled ids, INCLUDING the final EOS token when one was drawn
+    finished: bool  # True iff it ended with an EOS token (False = hit max_tokens)
+
+
+def eos_ids_of(tokenizer) -> set[int]:
+    """Every id that ends a completion: the tokenizer's EOS and any others it lists."""
+    ids = set(getattr(tokenizer, "eos_token_ids", None) or []) | {tokenizer.eos_token_id}
+    ids.discard(None)
+    return ids
+
+
+def _check(params: SamplingParams) -> None:
+    if not params.temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {params.top_k}")
+    if not 0 <= params.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {params.min_p}")
+    if params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+
+
+def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
+    """``(B, V)`` logits -> ``(B,)`` token ids.
+
+    Order: logits / T, then top-k, top-p, min-p, each on what the previous one
+    left (HF's order). Ties at a cut-off are kept. T = 0 is argmax.
+    """
+    if params.temperature == 0:
+        return lambda logits: mx.argmax(logits, axis=-1)
+    inv_t, k, top_p, min_p = 1.0 / params.temperature, params.top_k, params.top_p, params.min_p
+    neg_inf = mx.array(-math.inf, mx.float32)
+
+    def sample(logits: mx.array) -> mx.array:
+        logits = logits.astype(mx.float32) * inv_t
+        vocab = logits.shape[-1]
+        if 0 < k < vocab:  # keep logits >= the k-th largest
+            kth = mx.partition(logits, vocab - k, axis=-1)[..., vocab - k : vocab - k + 1]
+            logits = mx.where(logits < kth, neg_inf, logits)
+        if top_p < 1.0:  # keep a token iff the mass strictly before it (sorted desc.) is < top_p
+            desc = -mx.sort(-logits, axis=-1)
+            probs = mx.softmax(desc, axis=-1)
+            before = mx.cumsum(probs, axis=-1) - probs
+            cut = mx.min(mx.where(before < top_p, desc, math.inf), axis=-1, keepdims=True)
+            logits = mx.where(logits < cut, neg_inf, logits)
+        if min_p > 0.0:  # keep p >= min_p * p_max
+            top = mx.max(logits, axis=-1, keepdims=True)
+            logits = mx.where(logits < top + math.log(min_p), neg_inf, logits)
+        return mx.random.categorical(logits)
+
+    return sample
+
+
+def _merge(caches: list[list]) -> list:
+    """Per layer, one batch cache from per-row caches (mlx-lm picks the batch class)."""
+    return [type(layer[0]).merge(list(layer)) for layer in zip(*caches)]
+
+
+def _prefill(model: nn.Module, prompts: list[list[int]]) -> list:
+    """Batch cache holding ``prompt[:-1]`` of each prompt, left-aligned padding masked."""
+    cache = _merge([make_prompt_cache(model) for _ in prompts])
+    bodies = [p[:-1] for p in prompts]
+    width = max(len(b) for b in bodies)
+    if width == 0:
+        return cache
+    lengths = [len(b) for b in bodies]
+    padding = [width - n for n in lengths]
+    if max(padding) > 0:
+        for c in cache:
+            c.prepare(lengths=lengths, right_padding=padding)
+    tokens = mx.array([b + [0] * (width - len(b)) for b in bodies])
+    for start in range(0, width, PREFILL_STEP):
+        model(tokens[:, start : start + PREFILL_STEP], cache=cache)
+        mx.eval([c.state for c in cache])
+    if max(padding) > 0:
+        for c in cache:
+            c.finalize()
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def _decode(
+    model: nn.Module,
+    cache: list,
+    first: list[int],
+    sampler: Callable[[mx.array], mx.array],
+    eos: frozenset[int],
+    max_tokens: int,
+) -> list[tuple[list[int], bool]]:
+    """Sample from a filled batch cache until every row has an EOS or ``max_tokens`` ids."""
+    out: list[list[int]] = [[] for _ in first]
+    done = [False] * len(first)
+    alive = list(range(len(first)))  # original row of each cache row
+
+    def step(inputs: mx.array) -> mx.array:
+        logits = model(inputs[:, None], cache=cache)[:, -1, :]
+        return sampler(logits)
+
+    y = step(mx.array(first))
+    mx.async_eval(y)
+    for n in range(1, max_tokens + 1):
+        nxt = None
+        if n < max_tokens:  # queue the next step before reading this one
+            nxt = step(y)
+            mx.async_eval(nxt)
+        keep = []
+        for j, tok in enumerate(y.tolist()):
+            row = alive[j]
+            out[row].append(tok)
+            if tok in eos:
+                done[row] = True
+            else:
+                keep.append(j)
+        if nxt is None or not keep:
+            break
+        if len(keep) < len(alive):  # drop finished rows: later steps cost less
+            idx = mx.array(keep)
+            for c in cache:
+                c.filter(idx)
+            nxt = nxt[idx]
+            alive = [alive[j] for j in keep]
+        y = nxt
+    return list(zip(out, done))
+
+
+def _batches(lengths: Sequence[int], group: int, max_batch: int) -> Iterable[tuple[list[int], list[list[int]]]]:
+    """``(prompt indices to prefill, [row -> position in that list] per decode batch)``."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if group <= max_batch:
+        per = max_batch // group
+        for s in range(0, len(order), per):
+            chunk = order[s : s + per]
+            yield chunk, [[j for j in range(len(chunk)) for _ in range(group)]]
+    else:  # one prompt, its group split over several decode batches
+        for i in order:
+            yield [i], [[0] * min(max_batch, group - s) for s in range(0, group, max_batch)]
+
+
+def sample_groups(
+    model: nn.Module,
+    prompts: list[list[int]],
+    num_generations: int,
+    params: SamplingParams,
+    eos_ids: set[int] | list[int],
+    max_batch: int = 64,
+) -> list[Completion]:
+    """num_generations completions per prompt, grouped: result[i*G + g] belongs to prompts[i].
+
+    The model is put in eval mode (no dropout, e.g. LoRA's) while sampling
+    and its previous training mode is restored afterwards.
+    """
+    _check(params)
+    G = num_generations
+    if G < 1 or max_batch < 1:
+        raise ValueError(f"num_generations and max_batch must be >= 1, got {G} and {max_batch}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    eos = frozenset(int(t) for t in eos_ids)
+    sampler = make_sampler(params)
+    result: list[Completion | None] = [None] * (len(prompts) * G)
+    with eval_mode(model):
+        for chunk, row_batches in _batches([len(p) for p in prompts], G, max_batch):
+            cache = _prefill(model, [list(prompts[i]) for i in chunk])
+            for b, rows in enumerate(row_batches):
+                rows_cache = cache if b == len(row_batches) - 1 else copy.deepcopy(cache)
+                idx = mx.array(rows)
+                for c in rows_cache:
+                    c.filter(idx)
+                first = [prompts[chunk[j]][-1] for j in rows]
+                outs = _decode(model, rows_cache, first, sampler, eos, params.max_tokens)
+                seen: dict[int, int] = {}
+                for j, (ids, finished) in zip(rows, outs):
+                    i = chunk[j]
+                    g = seen.get(i, b * max_batch if len(row_batches) > 1 else 0)
+                    seen[i] = g + 1
+                    result[i * G + g] = Completion(i, ids, finished)
+            del cache
+    return result  # type: ignore[return-value]

@@ -1,0 +1,195 @@
+"""The GRPO rollout engine against plain, cache-free decoding and exact distributions."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.utils import load
+
+from mlx_dpo.online.rollout import Completion, SamplingParams, sample_groups
+
+# Different lengths, one of them a lone token (an empty prefill).
+PROMPTS = [[1, 5, 9, 33], [1], [1, 7, 8, 9, 10, 11, 12, 40, 41], [1, 2, 3]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path):
+    m, _ = load(str(tiny_model_path))
+    return m
+
+
+def greedy_reference(model, prompt, max_tokens, eos=()):
+    """Token by token, the whole sequence re-run each step: no cache, no padding, no batching."""
+    ids, out = list(prompt), []
+    for _ in range(max_tokens):
+        tok = mx.argmax(model(mx.array(ids)[None])[0, -1]).item()
+        out.append(tok)
+        ids.append(tok)
+        if tok in eos:
+            break
+    return out
+
+
+def last_probs(model, prompt, temperature):
+    logits = model(mx.array(prompt)[None])[0, -1].astype(mx.float32)
+    return np.array(mx.softmax(logits / temperature))
+
+
+def first_token_counts(model, prompt, n, params, seed=0):
+    mx.random.seed(seed)
+    params.max_tokens = 1
+    comps = sample_groups(model, [prompt], n, params, [], max_batch=n)
+    return np.bincount([c.token_ids[0] for c in comps], minlength=len(last_probs(model, prompt, 1.0)))
+
+
+def assert_matches(counts, probs):
+    """Every count within 5 binomial standard deviations (+3 for tiny expectations) of n * p."""
+    n = counts.sum()
+    tol = 5 * np.sqrt(n * probs * (1 - probs)) + 3
+    worst = np.max(np.abs(counts - n * probs) - tol)
+    assert worst <= 0, f"a token frequency is off by {worst:.1f} beyond the tolerance"
+
+
+def restrict(probs, keep):
+    out = np.where(keep, probs, 0.0)
+    return out / out.sum()
+
+
+def test_greedy_matches_plain_decoding_and_stops_at_eos(model):
+    plain = [greedy_reference(model, p, 12) for p in PROMPTS]
+    # An EOS that greedy decoding does produce: one prompt stops early, another never sees it.
+    eos = next(t for t in plain[0][1:] if t not in plain[1])
+    expect = [greedy_reference(model, p, 12, {eos}) for p in PROMPTS]
+    comps = sample_groups(model, PROMPTS, 2, SamplingParams(temperature=0, max_tokens=12), {eos})
+    assert [c.prompt_index for c in comps] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for i, e in enumerate(expect):
+        for g in range(2):
+            c = comps[2 * i + g]
+            assert c.token_ids == e
+            assert c.finished == (e[-1] == eos)
+    assert comps[0].finished and comps[0].token_ids[-1] == eos and len(comps[0].token_ids) < 12
+    assert not comps[2].finished and len(comps[2].token_ids) == 12
+
+
+def test_same_seed_same_completions_other_seed_different(model):
+    params = SamplingParams(temperature=1.0, max_tokens=8)
+
+    def run(seed):
+        mx.random.seed(seed)
+        return sample_groups(model, PROMPTS, 3, params, [2], max_batch=4)
+
+    a, b, c = run(7), run(7), run(8)
+    assert a == b
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+    assert len({tuple(x.token_ids) for x in a[:3]}) > 1  # a group's members differ
+
+
+def test_first_token_follows_softmax_of_logits_over_t(model):
+    prompt, T, n = PROMPTS[0], 0.2, 2000
+    counts = first_token_counts(model, prompt, n, SamplingParams(temperature=T))
+    assert_matches(counts, last_probs(model, prompt, T))
+    with pytest.raises(AssertionError):  # the check can tell temperatures apart
+        assert_matches(counts, last_probs(model, prompt, 0.3))
+
+
+def test_top_k_keeps_the_k_most_likely(model):
+    prompt, k = PROMPTS[2], 5
+    probs = last_probs(model, prompt, 1.0)
+    keep = probs >= np.sort(probs)[-k]
+    counts = first_token_counts(model, prompt, 1000, SamplingParams(temperature=1.0, top_k=k))
+    assert counts[~keep].sum() == 0
+    assert_matches(counts, restrict(probs, keep))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p(model):
+    prompt, T, top_p = PROMPTS[3], 0.3, 0.4
+    probs = last_probs(model, prompt, T)
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    keep = np.zeros_like(probs, dtype=bool)
+    keep[order[before < top_p]] = True
+    assert 1 < keep.sum() < 50
+    counts = first_token_counts(model, prompt, 1000, SamplingParams(temperature=T, top_p=top_p))
+    assert counts[~keep].sum() == 0
+    assert_matches(counts, restrict(probs, keep))
+
+
+def test_min_p_keeps_tokens_near_the_top(model):
+    prompt, T, min_p = PROMPTS[0], 0.3, 0.3
+    probs = last_probs(model, prompt, T)
+    keep = probs >= min_p * probs.max()
+    assert 1 < keep.sum() < 50
+    counts = first_token_counts(model, prompt, 1000, SamplingParams(temperature=T, min_p=min_p))
+    assert counts[~keep].sum() == 0
+    assert_matches(counts, restrict(probs, keep))
+
+
+def test_lora_model_samples_from_the_adapter_in_eval_mode(tiny_model_path):
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, _ = load(str(tiny_model_path))
+    base = [greedy_reference(model, p, 8) for p in PROMPTS]
+    model.freeze()
+    # Dropout 0.5: sampling in training mode would not be greedy-reproducible.
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.5})
+    mx.random.seed(3)
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_b"):
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.5
+    model.eval()
+    adapted = [greedy_reference(model, p, 8) for p in PROMPTS]
+    assert adapted != base
+    model.train()
+    comps = sample_groups(model, PROMPTS, 1, SamplingParams(temperature=0, max_tokens=8), [])
+    assert model.training
+    assert [c.token_ids for c in comps] == adapted
+    model.eval()
+    sample_groups(model, PROMPTS[:1], 1, SamplingParams(temperature=0, max_tokens=2), [])
+    assert not model.training
+
+
+def test_max_tokens_rows_are_unfinished_and_full_length(model):
+    mx.random.seed(0)
+    comps = sample_groups(model, PROMPTS, 3, SamplingParams(temperature=1.0, max_tokens=5), [])
+    assert len(comps) == 12
+    assert all(not c.finished and len(c.token_ids) == 5 for c in comps)
+    # An EOS drawn at the very last step still counts as finished.
+    eos = comps[0].token_ids[-1]
+    mx.random.seed(0)
+    again = sample_groups(model, PROMPTS, 3, SamplingParams(temperature=1.0, max_tokens=5), [eos])
+    assert again[0] == Completion(0, comps[0].token_ids, True)
+
+
+class CountingModel:
+    """Forwards to a model and records the (batch, length) of every call."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, tokens, cache=None):
+        self.calls.append(tuple(tokens.shape))
+        return self.model(tokens, cache=cache)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@pytest.mark.parametrize("G,max_batch", [(4, 64), (5, 2)])
+def test_each_prompt_is_prefilled_once(model, G, max_batch):
+    counting = CountingModel(model)
+    comps = sample_groups(counting, PROMPTS, G, SamplingParams(temperature=0, max_tokens=3), [], max_batch)
+    prefill = [c for c in counting.calls if c[1] > 1]
+    # One batch of 4 distinct prompts, or one call per prompt (the lone token needs none); never G copies.
+    assert sum(b for b, _ in prefill) == (len(PROMPTS) if G <= max_batch else sum(len(p) > 1 for p in PROMPTS))
+    assert max(b for b, _ in counting.calls) <= max_batch
+    # Split groups still line up with their prompts and agree with each other (greedy).
+    for i, p in enumerate(PROMPTS):
+        group = comps[i * G : (i + 1) * G]
+        assert all(c.prompt_index == i and c.token_ids == group[0].token_ids for c in group)
+        assert group[0].token_ids == greedy_reference(model, p, 3)
+
+
+def test_rejects_bad_arguments(model):
+    with pytest.raises(ValueError):
+        sample_groups(model, [[1], []], 2, SamplingParams(), [])
+    with pytest.raises(ValueError):
+        sample_groups(model, [[1]], 2, SamplingParams(top_p=0.0), [])
