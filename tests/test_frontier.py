@@ -11,12 +11,21 @@ import pytest
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
+from mlx_dpo import methods
 from mlx_dpo.compute.reference import adapters_disabled
 from mlx_dpo.config import ConfigError
 from mlx_dpo.data import load_prompt_splits
-from mlx_dpo.frontier import evaluate_policy, main, sweep, upper_envelope
+from mlx_dpo.frontier import (
+    evaluate_policy,
+    main,
+    read_sweep,
+    run_config,
+    sweep,
+    upper_envelope,
+)
 from mlx_dpo.online.rollout import SamplingParams, sample_groups
 from mlx_dpo.toy import preference_records, write_jsonl
+from tests.support import ROOT
 
 LOW = 256
 
@@ -255,3 +264,14 @@ def test_a_reward_function_failing_in_evaluation_is_one_line_and_keeps_the_train
     assert exit_.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("mlx_dpo.frontier: error:") and "evaluating dpo at step 0: reward function 'reward' raised ZeroDivisionError" in err
     assert (out / "dpo" / "0000004_adapters.safetensors").is_file()  # the trained run stays for the next call
+
+
+@pytest.mark.parametrize("sweep_file", ["examples/frontier_demo.yaml", "examples/real/frontier.yaml"])
+def test_the_shipped_sweeps_validate_and_each_run_trains_the_method_it_names(sweep_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the sweeps name their configs and data from the repository root
+    path = ROOT / sweep_file
+    spec, runs, ev = read_sweep(path)
+    named = {"offline DPO": "offline_dpo", "online DPO": "online_dpo", "GRPO": "grpo"}
+    for r in runs:
+        args = run_config(path, spec.get("base"), r, tmp_path / r["name"], ev["every"], resume=False)
+        assert methods.choose(args).name == named[r["method"]], r["name"]
