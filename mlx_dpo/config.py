@@ -177,7 +177,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "missing_eos_penalty": (_opt(_is_num), "a number subtracted from the reward of completions without EOS"),
     "rl": (_opt(lambda v: v in RL_ALIASES), "one of " + ", ".join(RL_ALIASES) + " (axolotl's name for the method)"),
     "reward_funcs": (_opt(lambda v: isinstance(v, list) and v and all(isinstance(f, str) and f for f in v)),
-                     'a list of "module.function" names (module file beside the config or in the working directory) or built-ins'),
+                     'a list of "module.function" names (a module file beside the config, or importable) or built-ins'),
     "reward_weights": (_opt(lambda v: isinstance(v, list) and all(_is_num(w) for w in v)), "a list of numbers, one per reward function"),
     "num_generations": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (completions per prompt)"),
     "num_iterations": (lambda v: _is_int(v) and v >= 1, "a positive integer (optimizer steps per generation batch)"),

@@ -253,7 +253,7 @@ def sweep(sweep_file: Path, train: Optional[Callable] = None) -> list[dict]:
     output = Path(spec.get("output") or sweep_file.with_suffix(""))
     output.mkdir(parents=True, exist_ok=True)
     try:
-        funcs = load_reward_funcs(ev["reward_funcs"], [sweep_file.resolve().parent, Path.cwd()])
+        funcs = load_reward_funcs(ev["reward_funcs"], [sweep_file.resolve().parent])
     except RewardError as e:
         raise ConfigError(str(e)) from None
     points = Points(output, ev, funcs)

@@ -255,10 +255,10 @@ class Loaded:
 
 def user_code_dirs(args: Any) -> list[Path]:
     """Where ``module.function`` files (reward functions, loss terms) are looked for: beside the
-    config file (for ``--test`` alone, also beside the one the adapter was trained with), then in
-    the working directory."""
+    config file (for ``--test`` alone, also beside the one the adapter was trained with). Anything
+    else must be importable (on ``sys.path``); the working directory as such is not searched."""
     configs = [args.config, getattr(args, "_trained_config", None)]
-    return [Path(c).resolve().parent for c in configs if c] + [Path.cwd()]
+    return [Path(c).resolve().parent for c in configs if c]
 
 
 def find_loss_terms(args: Any) -> list:

@@ -60,3 +60,22 @@ def test_a_method_that_samples_needs_reward_functions_found_before_loading(tmp_p
         methods.find_reward_funcs(methods.choose(args), args)
     args = load_config(["--model", "m", "--data", "d"], overrides={"loss_type": "dpo"})
     assert methods.find_reward_funcs(methods.choose(args), args) == []
+
+
+def test_user_code_is_found_beside_the_config_or_on_sys_path_and_named_before_it_runs(tmp_path, monkeypatch, capsys):
+    here, elsewhere = tmp_path / "configs", tmp_path / "cwd"
+    here.mkdir()
+    elsewhere.mkdir()
+    for folder in (here, elsewhere):
+        (folder / "rw_where.py").write_text(f"def score(completions, **kw):\n    return [{str(folder)!r}] * 0\n")
+    (here / "run.yaml").write_text("model: m\ndata: d\nonline: true\nreward_funcs: [rw_where.score]\n")
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(elsewhere))])
+    args = load_config(["--config", str(here / "run.yaml")])
+    (name, fn), = methods.find_reward_funcs(methods.choose(args), args)
+    assert fn.__code__.co_filename == str((here / "rw_where.py").resolve())
+    assert f"[INFO] reward function 'rw_where.score': running the code of {(here / 'rw_where.py').resolve()}" in capsys.readouterr().out
+    # Without a config beside it, a file in the working directory is not picked up: only sys.path is.
+    args = load_config(["--model", "m", "--data", "d"], overrides={"online": True, "reward_funcs": ["rw_where.score"]})
+    with pytest.raises(ConfigError, match="no module 'rw_where': not a file \\(no folders\\) nor importable"):
+        methods.find_reward_funcs(methods.choose(args), args)

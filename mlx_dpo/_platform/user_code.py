@@ -1,10 +1,11 @@
 """Finding a user's function named ``module.function`` (reward functions, loss terms).
 
 Configs name functions as axolotl does: the module is a ``.py`` file in one of
-the search folders (the config's folder, then the working directory), or else
-an importable module. A file runs once per process however often it is named.
-Anything wrong is one line naming the function, raised as the caller's error
-class, so a typo fails before training.
+the search folders (the config's folder), or else an importable module (on
+``sys.path``). Naming one runs its code: each file whose code runs is named in
+one ``[INFO]`` line, once per process, however often it is named. Anything
+wrong is one line naming the function, raised as the caller's error class, so
+a typo fails before training.
 """
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .progress import rank0_print
+
 _MODULES: dict[Path, object] = {}  # resolved file -> module: each file runs once per process
 _COUNTER = itertools.count()
+
+
+def announce(label: str, source) -> None:
+    """The ``[INFO]`` line naming a file whose code is about to run for ``label``."""
+    rank0_print(f"[INFO] {label}: running the code of {source}")
 
 
 def error_text(e: BaseException) -> str:
@@ -41,6 +49,7 @@ def _load_file(label: str, path: Path, error: type):
     if added:
         sys.path.insert(0, folder)
     sys.modules[name] = module  # dataclasses and pickling look modules up here
+    announce(label, path)
     try:
         spec.loader.exec_module(module)
     except BaseException as e:
@@ -61,6 +70,9 @@ def _load_file(label: str, path: Path, error: type):
 def _import(label: str, module_name: str, looked: list[str], error: type):
     """The importable module ``module_name``, or an error saying where we looked."""
     try:
+        spec = None if module_name in sys.modules else importlib.util.find_spec(module_name)
+        if spec is not None and spec.origin:  # not imported yet: its code runs now
+            announce(label, spec.origin)
         return importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         parts = module_name.split(".")

@@ -109,7 +109,7 @@ def load_loss_terms(entries: list, search_dirs: list) -> list[LossTerm]:
     """The configured terms, each found before training (a misspelt name fails in the first second).
 
     An entry is ``{fn: module.function, weight: w, name: optional, **kwargs}``; the module is a
-    ``.py`` file beside the config or in the working directory, else an importable module. A term
+    ``.py`` file beside the config, else an importable module. A term
     is named by its function, or by ``name``; repeats get ``_2``, ``_3``.
     """
     dirs = list(dict.fromkeys(Path(d) for d in search_dirs if d is not None))

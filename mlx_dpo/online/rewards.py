@@ -10,7 +10,7 @@ and every other dataset field comes as a keyword argument, one value per
 completion. ``None`` means "no opinion" on that completion (it is scored NaN).
 
 Configs name functions as axolotl does: ``module.function``, the module being
-a ``.py`` file beside the config (or in the working directory), or else an
+a ``.py`` file beside the config, or else an
 importable module; a name without a dot is a built-in. Anything wrong is one
 ``RewardError`` line naming the function, so a typo fails before training.
 """

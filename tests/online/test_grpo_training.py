@@ -56,8 +56,8 @@ def prompt_data(tmp_path_factory):
 def config(root, out, *extra, **keys):
     text = {"loss_type": "dapo", "reward_funcs": ["rewards.low_ids"], "num_generations": 4,
             "max_completion_length": 6, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.1}, **keys}
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(json.dumps(text))  # JSON is YAML; the reward file sits beside the data, not the config
+    path = root / f"{out.name}.yaml"
+    path.write_text(json.dumps(text))  # JSON is YAML; the reward file sits beside the config
     return ["--config", str(path), "--data", str(root / "data"), "--adapter-path", str(out), "--train",
             "--batch-size", "2", "--num-layers", "-1", "--steps-per-report", "1", "--val-batches", "0",
             "--learning-rate", "3e-2", *extra]
