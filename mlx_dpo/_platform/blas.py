@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import mmap
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -172,16 +174,49 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def private_folder(path: str) -> bool:
+    """Whether ``path`` is (made, if missing, as) a real folder of this user's that no one else can
+    write to: a library kept there cannot have been planted by another local user."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     for folder in (os.path.join(base, "mlx_dpo", "blas"), os.path.join(tempfile.gettempdir(), f"mlx_dpo-blas-{os.getuid()}")):
-        try:
-            os.makedirs(folder, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                return folder
-        except OSError:
-            continue
-    raise OSError("no writable cache folder")
+        if private_folder(folder) and os.access(folder, os.W_OK):
+            return folder
+    raise OSError("no private cache folder (one owned by this user that others cannot write to)")
+
+
+def cached_copy(folder: str, name: str, data: bytes) -> str:
+    """``folder/<digest>/name`` holding exactly ``data``: reused only where its bytes hash the same,
+    else written to a fresh temporary name and renamed into place."""
+    digest = hashlib.sha256(data).hexdigest()
+    sub = os.path.join(folder, digest[:16])
+    if not private_folder(sub):
+        raise OSError(f"{sub} is not a private folder")
+    path = os.path.join(sub, name)
+    try:
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() == digest:
+                return path
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=sub, prefix=f".{name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _gfortran() -> tuple[tuple[str, ...], str]:
@@ -195,11 +230,8 @@ def _gfortran() -> tuple[tuple[str, ...], str]:
     if not found:
         system = _ldconfig("libgfortran.so.5")
         return ((system,), "") if system else ((), "no libgfortran.so.5 (neither the mlx[cpu] wheel's nor the system's)")
-    src = found[0]
-    dst = os.path.join(_cache_dir(), os.path.basename(src), "libgfortran.so.5")
-    if not (os.path.exists(dst) and os.path.getsize(dst) == os.path.getsize(src)):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        elf.copy_with_soname(src, dst, "libgfortran.so.5")
+    with open(found[0], "rb") as f:
+        dst = cached_copy(_cache_dir(), "libgfortran.so.5", elf.with_soname(f.read(), "libgfortran.so.5"))
     quadmath = sorted(glob.glob(os.path.join(glob.escape(libs), "libquadmath*.so*")))
     return (*quadmath, dst), ""
 

@@ -54,15 +54,21 @@ def soname(path: str) -> str:
     return data[start : start + length].decode()
 
 
-def copy_with_soname(src: str, dst: str, new: str) -> None:
-    """Write a copy of ``src`` to ``dst`` (atomically) whose SONAME is ``new``."""
-    with open(src, "rb") as f:
-        data = bytearray(f.read())
+def with_soname(data: bytes, new: str) -> bytes:
+    """The bytes of a shared library whose SONAME is changed to ``new``, nothing else."""
+    data = bytearray(data)
     start, length = _soname_offset(data)
     name = new.encode()
     if len(name) > length:
         raise ValueError(f"new SONAME {new!r} is longer than the old one")
     data[start : start + length] = name.ljust(length, b"\0")
+    return bytes(data)
+
+
+def copy_with_soname(src: str, dst: str, new: str) -> None:
+    """Write a copy of ``src`` to ``dst`` (atomically) whose SONAME is ``new``."""
+    with open(src, "rb") as f:
+        data = with_soname(f.read(), new)
     tmp = f"{dst}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(data)

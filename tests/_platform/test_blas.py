@@ -176,3 +176,42 @@ def test_nothing_found_names_each_route_passed_over(monkeypatch):
     assert _blas.find("") == (None, ["no system", "no wheel", "no mkl"])
     monkeypatch.setattr(_blas, "status", ("missing", "no system; no wheel; no mkl"))
     assert "no fast BLAS for this CPU (no system; no wheel; no mkl)" in _blas.describe()
+
+
+@needs_linux
+def test_the_library_cache_refuses_folders_others_could_write_or_own(tmp_path):
+    assert _blas.private_folder(str(tmp_path / "new" / "blas"))  # made, for this user alone
+    assert (tmp_path / "new" / "blas").stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert not _blas.private_folder(str(shared))
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "new" / "blas")
+    assert not _blas.private_folder(str(link))
+    if os.getuid() == 0:  # only root can give a folder away
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 12345, -1)
+        assert not _blas.private_folder(str(foreign))
+
+
+@needs_linux
+def test_a_planted_library_of_the_same_size_is_replaced_before_it_loads(tmp_path):
+    data = bytes(range(256)) * 64
+    path = _blas.cached_copy(str(tmp_path), "libgfortran.so.5", data)
+    assert Path(path).read_bytes() == data
+    Path(path).write_bytes(bytes(len(data)))  # another library, the same size
+    assert _blas.cached_copy(str(tmp_path), "libgfortran.so.5", data) == path
+    assert Path(path).read_bytes() == data
+    assert [p.name for p in Path(path).parent.iterdir()] == ["libgfortran.so.5"]  # no temporary left behind
+
+
+@needs_linux
+def test_a_shared_cache_home_falls_back_to_a_private_folder(tmp_path, monkeypatch):
+    shared = tmp_path / "cache"
+    (shared / "mlx_dpo" / "blas").mkdir(parents=True)
+    (shared / "mlx_dpo" / "blas").chmod(0o777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
+    monkeypatch.setattr(_blas.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert _blas._cache_dir() == str(tmp_path / "tmp" / f"mlx_dpo-blas-{os.getuid()}")
