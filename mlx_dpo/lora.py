@@ -33,7 +33,7 @@ from ._platform.progress import rank0_print
 from .compute.batching import BatchSourceError, process_ranks
 from .compute.forward import Forward
 from .compute.logps import auto_chunk_size
-from .compute.streams import blas_threads, cores, cpu_stream, resolve_streams
+from .compute.streams import blas_budget, blas_threads, cpu_stream, local_processes, resolve_streams
 from .config import ConfigError, load_config, public
 from .data import DataError
 from .loading import (
@@ -119,14 +119,15 @@ def compiled(args: types.SimpleNamespace) -> tuple[bool, bool]:
 def cpu_plan(args: types.SimpleNamespace, vocab_size: int) -> Iterator[Forward]:
     """How this run computes log-probs (``Forward``), said in one info line; the BLAS threads it
     sets for its CPU streams are restored when the run ends."""
-    on_cpu, step = mx.default_device() == mx.cpu, compiled(args)[0]
+    on_cpu, step, world = mx.default_device() == mx.cpu, compiled(args)[0], mx.distributed.init()
+    processes = local_processes(world.size(), world.rank())
     try:
-        n = resolve_streams(args.cpu_streams, step, mx.distributed.init().size(), on_cpu, mlx_dpo.wide_eval_order)
+        n = resolve_streams(args.cpu_streams, step, processes, on_cpu, mlx_dpo.wide_eval_order)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     chunk = args.logits_chunk_size if args.logits_chunk_size is not None else auto_chunk_size(vocab_size)
     how = Forward(chunk, tuple(cpu_stream(i) for i in range(n)) if n > 1 else (), pack_head=not step)
-    with blas_threads(max(1, cores() // n)) as threads:
+    with blas_threads(max(1, blas_budget(processes) // n)) as threads:
         if on_cpu:
             each = f" (BLAS: {threads} thread{'s' if threads != 1 else ''}{' each' if n > 1 else ''})" if threads else ""
             where = f"each batch's rows split over {n} parallel streams" if n > 1 else "one stream"

@@ -317,6 +317,23 @@ def preload() -> tuple[str, str]:
 _THREAD_CALLS = (("openblas_set_num_threads", "openblas_get_num_threads"), ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"))
 
 
+# The variables a user sets to size each library's thread pool, in the order the library reads them.
+THREAD_VARIABLES = {"openblas": ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"),
+                    "mkl": ("MKL_NUM_THREADS", "OMP_NUM_THREADS")}
+
+
+def user_threads() -> Optional[int]:
+    """The thread count the user set for the loaded BLAS in its environment variables, or None."""
+    if _library is None:
+        return None
+    kind = "mkl" if hasattr(_library, "MKL_Set_Num_Threads") else "openblas"
+    for name in THREAD_VARIABLES[kind]:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return None
+
+
 def get_threads() -> Optional[int]:
     """The loaded BLAS's thread count, or None (no loaded BLAS, or one that does not say)."""
     if _library is None:

@@ -17,6 +17,7 @@ except the BLAS threads, which ``blas_threads`` sets for a ``with`` block and th
 from __future__ import annotations
 
 import functools
+import json
 import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional, Sequence, Union
@@ -36,8 +37,30 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_streams(setting: Union[str, int], compile_step: bool, world_size: int, on_cpu: bool, wide_eval_order: bool) -> int:
-    """How many CPU streams ``cpu_streams`` (``auto`` or a count) means here.
+def local_processes(world_size: int, rank: int) -> int:
+    """How many processes of this run share this machine: those whose ring address (``mlx.launch``'s
+    ``MLX_HOSTFILE``) has this process's host, or MPI's local size; 1 alone or where unknown."""
+    if world_size <= 1:
+        return 1
+    if os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "").isdigit():
+        return int(os.environ["OMPI_COMM_WORLD_LOCAL_SIZE"])
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            hosts = [node[0].rsplit(":", 1)[0] for node in json.load(f)]
+        return max(1, hosts.count(hosts[rank]))
+    except (KeyError, OSError, ValueError, IndexError, TypeError, AttributeError):
+        return 1
+
+
+def blas_budget(processes: int) -> int:
+    """BLAS threads this process may use: the user's own setting (``OPENBLAS_NUM_THREADS``,
+    ``MKL_NUM_THREADS``, ``OMP_NUM_THREADS``) where there is one, else its share of the cores."""
+    return blas.user_threads() or max(1, cores() // max(processes, 1))
+
+
+def resolve_streams(setting: Union[str, int], compile_step: bool, processes: int, on_cpu: bool, wide_eval_order: bool) -> int:
+    """How many CPU streams ``cpu_streams`` (``auto`` or a count) means here, for ``processes``
+    processes on this machine.
 
     ``auto`` is 2 on a CPU with at least 2 cores per process, when the step is not compiled and
     MLX was imported after mlx_dpo (``wide_eval_order``); 1 otherwise (a GPU runs its own
@@ -45,7 +68,7 @@ def resolve_streams(setting: Union[str, int], compile_step: bool, world_size: in
     on the host from each batch's row layout, which a compiled step only sees as placeholders.
     """
     if setting == "auto":
-        fits = on_cpu and not compile_step and wide_eval_order and cores() // max(world_size, 1) >= 2
+        fits = on_cpu and not compile_step and wide_eval_order and cores() // max(processes, 1) >= 2
         return 2 if fits else 1
     n = int(setting)
     if n > 1 and not on_cpu:
