@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -285,9 +286,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"mlx_dpo.frontier: stopped by signal {e.signum} after step {e.step} (checkpoint in {e.checkpoint.parent}); {again}",
               file=sys.stderr)
         sys.exit(128 + e.signum)
-    except KeyboardInterrupt:  # loading, sampling or evaluating: checkpoints and every point evaluated so far are kept
-        print(f"mlx_dpo.frontier: stopped (Ctrl-C); the points evaluated so far are kept; {again}", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # loading, sampling or evaluating: checkpoints and every point evaluated so far are kept
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "Ctrl-C" if signum == signal.SIGINT else f"signal {signum}"
+        print(f"mlx_dpo.frontier: stopped ({what}); the points evaluated so far are kept; {again}", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

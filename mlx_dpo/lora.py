@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
 import types
 from contextlib import contextmanager
@@ -251,9 +252,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         rank0_print(f"\nStopped by signal {e.signum} after step {e.step}; checkpoint saved in {e.checkpoint.parent}.")
         rank0_print(f"Resume with:\n  {resume_command(argv)}")
         sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("mlx_dpo.lora: stopped (Ctrl-C); checkpoints already in adapter_path are kept", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C while loading, or a second one (or SIGTERM) while training
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "Ctrl-C" if signum == signal.SIGINT else f"signal {signum}"
+        print(f"mlx_dpo.lora: stopped ({what}); checkpoints already in adapter_path are kept", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -168,20 +168,42 @@ class NonFiniteError(Exception):
         self.step, self.batch_index, self.saved = step, batch_index, saved
 
 
+class StoppedNow(KeyboardInterrupt):
+    """A second SIGINT, or a SIGTERM outside a step's computation: training stops at once (after
+    saving the last finished step where it ends a save unit); checkpoints already written are kept."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped at once by signal {signum}")
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT/SIGTERM during training. The first SIGINT, or a SIGTERM while a step computes, asks
+    the loop to stop at the next step boundary, after a checkpoint. A second SIGINT, or a SIGTERM
+    while no step computes (building a batch, validating), raises ``StoppedNow`` at once, so a
+    process never waits on a boundary that may be far away."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.in_step = False
+
+    def handler(self, signum: int, _frame) -> None:
+        again = bool(self.received)
+        self.received.append(signum)
+        if (signum == signal.SIGINT and again) or (signum == signal.SIGTERM and not self.in_step):
+            raise StoppedNow(signum)
+
+
 @contextmanager
-def _stop_signals() -> Iterator[list[int]]:
-    """Turn SIGINT/SIGTERM into a flag the loop checks between steps."""
-    received: list[int] = []
+def _stop_signals() -> Iterator[StopSignals]:
+    """``StopSignals`` installed for the block (main thread only), the previous handlers restored after."""
+    stop = StopSignals()
     if threading.current_thread() is not threading.main_thread():
-        yield received
+        yield stop
         return
-
-    def handler(signum, _frame):
-        received.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, stop.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield received
+        yield stop
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -270,6 +292,18 @@ def _validate(model, loss_fn: LossFn, dataset, iterate_batches: BatchIterator, a
         callback.on_val_loss_report({"iteration": step, "val_loss": val["loss"], "val_time": val_time, **{f"val_{k}": v for k, v in val.items()}})
 
 
+def _skip_nonfinite(metrics: dict, batch: dict, it: int, args: TrainingArgs, last_saved: Optional[Path], skipped: int,
+                    say: Callable[[str], None]) -> int:
+    """A non-finite loss or gradient at step ``it``: raise ``NonFiniteError``, or with
+    ``skip_nonfinite`` say so; the count of batches skipped so far."""
+    culprits, examples = nonfinite_terms(metrics), np.array(batch["index"]).tolist()
+    if not args.skip_nonfinite:
+        raise NonFiniteError(it, examples, last_saved, culprits)
+    named = f" ({', '.join(culprits)})" if culprits else ""
+    say(f"Iter {it}: non-finite loss or gradient{named}, batch of examples {examples} skipped ({skipped + 1} so far)")
+    return skipped + 1
+
+
 def _apply_grad_checkpoint(model: nn.Module) -> None:
     """mlx-lm's ``grad_checkpoint`` patches the layer class: once, or every ``train()`` call would nest it."""
     if not getattr(type(model.layers[0]), "_mlx_dpo_checkpointed", False):
@@ -289,13 +323,9 @@ def train(
     training_callback: Optional[TrainingCallback] = None,
     start_step: int = 0,
 ) -> int:
-    """Train ``model`` in place from ``start_step``, checkpointing under ``args.adapter_file``.
-
-    Returns the number of batches skipped for non-finite values. Raises
-    ``TrainingInterrupted`` after saving a checkpoint on SIGINT/SIGTERM, and
-    ``NonFiniteError`` (without applying the bad update) on a NaN or inf,
-    unless ``args.skip_nonfinite``.
-    """
+    """Train ``model`` in place from ``start_step``, checkpointing under ``args.adapter_file``; the
+    number of batches skipped for non-finite values. Raises ``TrainingInterrupted`` after a checkpoint
+    on SIGINT/SIGTERM (``StopSignals``), ``NonFiniteError`` on a NaN or inf unless ``skip_nonfinite``."""
     maybe_set_recommended_wired_limit()
     world = mx.distributed.init()
     accum_steps = args.grad_accumulation_steps
@@ -313,84 +343,90 @@ def train(
     window, grad, train_time, window_steps, accumulated = MetricSum(), None, 0.0, 0, 0
     trained_tokens, skipped = 0.0, 0
     last_saved: Optional[Path] = adapter_file if adapter_file.is_file() else None
+    done = saved = start_step  # the last step finished, the last step checkpointed
 
     def checkpoint(it: int, numbered: bool = True) -> None:
-        nonlocal last_saved
+        nonlocal last_saved, saved
         if world.rank() == 0:
             save_checkpoint(model, optimizer, adapter_file, it, numbered)
-        last_saved = adapter_file
+        last_saved, saved = adapter_file, it
         say(f"Iter {it}: saved adapters and training state to {adapter_file.parent}." if numbered else f"Saved final weights to {adapter_file}.")
 
     def next_or_save(source: Callable):
-        """``source()``; where a batch cannot be made at step ``it``, steps up to ``it - 1`` are kept if they end a save unit."""
+        """``source()``; where a batch cannot be made, the steps finished are kept if they end a save unit."""
         try:
             return source()
         except BatchSourceError:
-            if it - 1 > start_step and (it - 1) % save_unit == 0:
-                checkpoint(it - 1)
+            if done > saved and done % save_unit == 0:
+                checkpoint(done)
             raise
+
+    def stopped_now(e: StoppedNow) -> BaseException:
+        """Stopped at once: outside a step, the steps finished are kept, as a stop at a boundary would."""
+        if stop.in_step or done % save_unit or done == 0:  # mid-step, mid-accumulation, or nothing to keep
+            return e
+        if done > saved:
+            checkpoint(done)
+        return TrainingInterrupted(done, e.signum, adapter_file)
 
     model.train()
     bar = Progress(args.iters, "Training", initial=start_step, enabled=world.rank() == 0)
     say = bar.write
     with _stop_signals() as stop, bar:
-        for it in range(start_step + 1, args.iters + 1):
-            if val_dataset and args.val_batches != 0 and (it == start_step + 1 or it % args.steps_per_eval == 0 or it == args.iters):
-                next_or_save(lambda: _validate(model, loss_fn, val_dataset, iterate_batches, args, it - 1, say, training_callback))
+        try:
+            for it in range(start_step + 1, args.iters + 1):
+                if val_dataset and args.val_batches != 0 and (it == start_step + 1 or it % args.steps_per_eval == 0 or it == args.iters):
+                    next_or_save(lambda: _validate(model, loss_fn, val_dataset, iterate_batches, args, it - 1, say, training_callback))
 
-            tic = time.perf_counter()
-            batch = next_or_save(lambda: next(batches))
-            mx.random.seed(step_seed(args.seed, it))
-            loss, metrics, new_grad, finite = grad_step(batch, grad)
-            # One reduction carries both flags: a NaN anywhere, a stop signal anywhere.
-            flags = mx.stack([(~finite).astype(mx.float32), mx.array(float(len(stop)))])
-            if world.size() > 1:
-                flags = mx.distributed.all_sum(flags, stream=mx.cpu)
-            mx.eval(loss, metrics, new_grad, flags)
-            bad, signalled = flags.tolist()
-            if bad > 0:
-                culprits = nonfinite_terms(metrics)
-                if not args.skip_nonfinite:
-                    raise NonFiniteError(it, np.array(batch["index"]).tolist(), last_saved, culprits)
-                skipped += 1
-                named = f" ({', '.join(culprits)})" if culprits else ""
-                say(f"Iter {it}: non-finite loss or gradient{named}, batch of examples {np.array(batch['index']).tolist()} skipped ({skipped} so far)")
-            else:
-                window.add(loss, metrics)
-                grad, accumulated = new_grad, accumulated + 1
-                mx.eval(window.arrays())
-            if it % accum_steps == 0:  # at a boundary: no half-accumulated gradient would be lost
-                if accumulated:
-                    if accumulated < accum_steps:  # skipped micro-batches: average over the rest
-                        grad = tree_map(lambda g: g * (accum_steps / accumulated), grad)
-                    update(grad)
-                    mx.eval(model.state, optimizer.state)
-                grad, accumulated = None, 0
-            if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
-                mx.clear_cache()
-            train_time += time.perf_counter() - tic
-            window_steps += 1
-            bar.update()
+                tic = time.perf_counter()
+                batch = next_or_save(lambda: next(batches))
+                stop.in_step = True
+                mx.random.seed(step_seed(args.seed, it))
+                loss, metrics, new_grad, finite = grad_step(batch, grad)
+                # One reduction carries both flags: a NaN anywhere, a stop signal anywhere.
+                flags = mx.stack([(~finite).astype(mx.float32), mx.array(float(len(stop.received)))])
+                if world.size() > 1:
+                    flags = mx.distributed.all_sum(flags, stream=mx.cpu)
+                mx.eval(loss, metrics, new_grad, flags)
+                bad, signalled = flags.tolist()
+                if bad > 0:
+                    skipped = _skip_nonfinite(metrics, batch, it, args, last_saved, skipped, say)
+                else:
+                    window.add(loss, metrics)
+                    grad, accumulated = new_grad, accumulated + 1
+                    mx.eval(window.arrays())
+                if it % accum_steps == 0:  # at a boundary: no half-accumulated gradient would be lost
+                    if accumulated:
+                        if accumulated < accum_steps:  # skipped micro-batches: average over the rest
+                            grad = tree_map(lambda g: g * (accum_steps / accumulated), grad)
+                        update(grad)
+                        mx.eval(model.state, optimizer.state)
+                    grad, accumulated = None, 0
+                if args.clear_cache_threshold and mx.get_cache_memory() > args.clear_cache_threshold:
+                    mx.clear_cache()
+                stop.in_step, done = False, it
+                train_time += time.perf_counter() - tic
+                window_steps += 1
+                bar.update()
 
-            if (it % args.steps_per_report == 0 or it == args.iters) and window.sums:
-                report = window.result()
-                trained_tokens += report["ntoks"]
-                info = _report(report, it, window_steps, train_time, trained_tokens, optimizer, skipped, world.size())
-                say(
-                    f"Iter {it}: {format_metrics(report, prefix='Train ')}, "
-                    f"lr {info['learning_rate']:.3e}, it/s {info['iterations_per_second']:.3f}, "
-                    f"tok/s {info['tokens_per_second']:.1f}, peak mem {info['peak_memory']:.3f} GB"
-                )
-                if training_callback is not None:
-                    training_callback.on_train_loss_report(info)
-                window, train_time, window_steps = MetricSum(), 0.0, 0
+                if (it % args.steps_per_report == 0 or it == args.iters) and window.sums:
+                    report = window.result()
+                    trained_tokens += report["ntoks"]
+                    info = _report(report, it, window_steps, train_time, trained_tokens, optimizer, skipped, world.size())
+                    say(f"Iter {it}: {format_metrics(report, prefix='Train ')}, lr {info['learning_rate']:.3e}, it/s "
+                        f"{info['iterations_per_second']:.3f}, tok/s {info['tokens_per_second']:.1f}, peak mem {info['peak_memory']:.3f} GB")
+                    if training_callback is not None:
+                        training_callback.on_train_loss_report(info)
+                    window, train_time, window_steps = MetricSum(), 0.0, 0
 
-            at_save_point = it % save_unit == 0
-            if it % args.steps_per_save == 0 and at_save_point:
-                checkpoint(it)
-            if signalled and at_save_point:
-                checkpoint(it)
-                raise TrainingInterrupted(it, stop[0] if stop else signal.SIGTERM, adapter_file)
+                at_save_point = it % save_unit == 0
+                if it % args.steps_per_save == 0 and at_save_point:
+                    checkpoint(it)
+                if signalled and at_save_point:
+                    checkpoint(it)
+                    raise TrainingInterrupted(it, stop.received[0] if stop.received else signal.SIGTERM, adapter_file)
+        except StoppedNow as e:
+            raise stopped_now(e) from None
 
     checkpoint(args.iters, numbered=False)
     return skipped

@@ -214,3 +214,41 @@ def test_a_skipped_micro_batch_leaves_the_mean_of_the_others(tiny_model_path, ti
     assert skipped == 1
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+STUCK = '''
+import time
+
+def forever(completions, **kwargs):
+    while True:  # a judge that never answers: the first batch is never made
+        time.sleep(0.05)
+'''
+
+
+@pytest.mark.parametrize("signals, code", [((signal.SIGINT, signal.SIGINT), 130), ((signal.SIGTERM,), 143)])
+def test_a_process_stuck_before_its_first_step_stops_on_a_second_ctrl_c_or_one_sigterm(tiny_model_path, tmp_path, signals, code):
+    from mlx_dpo.toy import write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"prompt": f"Write a review of item {i}."} for i in range(4)])
+    (tmp_path / "judge.py").write_text(STUCK)
+    (tmp_path / "run.yaml").write_text("online: true\nreward_funcs: [judge.forever]\nmax_completion_length: 4\n")
+    cmd = [sys.executable, "-m", "mlx_dpo.lora", "--config", str(tmp_path / "run.yaml"), "--model", str(tiny_model_path),
+           "--data", str(tmp_path / "data"), "--adapter-path", str(tmp_path / "ad"), "--train", "--iters", "4",
+           "--batch-size", "2", "--num-layers", "-1", "--val-batches", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while not proc.stdout.readline().startswith("Training ("):  # the loop has started; the judge now spins
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read()
+        time.sleep(1.0)
+        for k, signum in enumerate(signals):
+            proc.send_signal(signum)
+            if k < len(signals) - 1:
+                time.sleep(1.5)
+                assert proc.poll() is None  # the first Ctrl-C waits for a step boundary
+        start = time.time()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == code and time.time() - start < 10
+    assert len(err.strip().splitlines()) == 1 and "stopped" in err and "Traceback" not in err
