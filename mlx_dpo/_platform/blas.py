@@ -12,10 +12,11 @@ Where it looks, in order, each step bounded (no walk of system folders):
    the path of a BLAS library.
 2. ``system``: the distribution's OpenBLAS, at its usual paths or in the
    dynamic linker's cache (``ldconfig -p``).
-3. ``wheel``: the OpenBLAS of the ``cmeel-openblas`` wheel, a dependency on
-   Linux, which needs no root. It is built for one CPU family, so it is loaded
-   only where this CPU has the instructions that build uses; its libgfortran
-   comes from the ``mlx[cpu]`` wheel (see ``elf.py``).
+3. ``wheel``: an OpenBLAS from a wheel ``pip install`` brought, no root needed
+   (``WHEELS``): ``ngsolve-openblas`` on x86-64, built for every x86-64 CPU
+   (DYNAMIC_ARCH); ``cmeel-openblas`` on aarch64, built for one CPU family and
+   so loaded only where this CPU has the instructions that build uses. Their
+   libgfortran comes from the ``mlx[cpu]`` wheel (see ``elf.py``).
 4. ``mkl``: Intel MKL from the ``mkl`` wheel (``pip install mkl``), x86-64 only.
 """
 
@@ -236,23 +237,42 @@ def _gfortran() -> tuple[tuple[str, ...], str]:
     return (*quadmath, dst), ""
 
 
+# OpenBLAS builds that pip installs without root, tried in order: cmeel-openblas is built for one
+# CPU family (aarch64's dependency), ngsolve-openblas for every x86-64 CPU (DYNAMIC_ARCH: it picks
+# its kernels at load time, so an AVX2-only machine gets AVX2 kernels; x86-64's dependency).
+WHEELS = (("cmeel-openblas", ("cmeel.prefix", "lib", "libopenblas.so.0")),
+          ("ngsolve-openblas", ("ngsolve_openblas", "libopenblas*.so*")))
+
+
 def wheel_openblas() -> tuple[Optional[Found], str]:
-    path = _in_sys_path("cmeel.prefix", "lib", "libopenblas.so.0")
-    if path is None:
-        return None, "cmeel-openblas not installed"
-    target = openblas_target(path)
+    """The first OpenBLAS wheel (``WHEELS``) that is installed and fits this CPU."""
+    why = []
+    for name, parts in WHEELS:
+        found, reason = _wheel(name, parts)
+        if found is not None:
+            return found, ""
+        why.append(reason)
+    return None, "; ".join(why)
+
+
+def _wheel(name: str, parts: tuple[str, ...]) -> tuple[Optional[Found], str]:
+    folder = _in_sys_path(*parts[:-1])
+    paths = sorted(glob.glob(os.path.join(glob.escape(folder), parts[-1]))) if folder else []
+    if not paths:
+        return None, f"{name} not installed"
+    path, target = paths[0], openblas_target(paths[0])
     if target != "DYNAMIC_ARCH":
         needs = TARGET_NEEDS.get(target or "")
         if needs is None:
-            return None, f"cmeel-openblas is built for an unknown CPU target ({target})"
+            return None, f"{name} is built for an unknown CPU target ({target})"
         lacking = [flag for flag in needs if flag not in cpu_flags()]
         if lacking:
-            return None, f"cmeel-openblas is built for {target} and this CPU lacks {', '.join(lacking)}"
+            return None, f"{name} is built for {target} and this CPU lacks {', '.join(lacking)}"
     try:
         preload, why = _gfortran()
     except (OSError, ValueError) as e:
-        return None, f"cmeel-openblas: could not prepare libgfortran ({e})"
-    return (Found("wheel", path, preload), "") if preload else (None, f"cmeel-openblas: {why}")
+        return None, f"{name}: could not prepare libgfortran ({e})"
+    return (Found("wheel", path, preload), "") if preload else (None, f"{name}: {why}")
 
 
 def mkl() -> tuple[Optional[Found], str]:

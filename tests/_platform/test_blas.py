@@ -1,7 +1,10 @@
 """Finding and loading a fast BLAS: bounded discovery, the CPU check, the SONAME copy, the routes."""
 
+import importlib.metadata
 import json
 import os
+import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,7 @@ import pytest
 
 from mlx_dpo._platform import blas as _blas
 from mlx_dpo._platform import elf as _elf
+from tests.support import ROOT
 
 LINUX = sys.platform.startswith("linux")
 needs_linux = pytest.mark.skipif(not LINUX, reason="the BLAS preload is Linux-only")
@@ -61,6 +65,9 @@ def test_the_default_route_loads_the_wheel_where_this_cpu_runs_it():
         assert _elf.soname(found.preload[-1]) == "libgfortran.so.5"
 
 
+CMEEL_ONLY = _blas.WHEELS[:1]  # the single-target build alone: the checks of its target
+
+
 def write_fake_openblas(folder: Path, config: bytes) -> Path:
     lib = folder / "cmeel.prefix" / "lib"
     lib.mkdir(parents=True)
@@ -85,6 +92,7 @@ def test_the_build_target_is_read_without_loading(tmp_path, config, target):
 
 def test_a_build_for_a_newer_cpu_is_passed_over_with_the_reason(tmp_path, monkeypatch):
     write_fake_openblas(tmp_path, b"OpenBLAS 0.3.31 NO_AFFINITY SKYL")
+    monkeypatch.setattr(_blas, "WHEELS", CMEEL_ONLY)
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     monkeypatch.setattr(_blas, "cpu_flags", lambda: {"sse4_2", "avx", "avx2", "fma"})  # an AVX2-only CPU
     found, why = _blas.wheel_openblas()
@@ -94,6 +102,7 @@ def test_a_build_for_a_newer_cpu_is_passed_over_with_the_reason(tmp_path, monkey
 
 def test_an_unknown_build_target_is_never_loaded(tmp_path, monkeypatch):
     write_fake_openblas(tmp_path, b"OpenBLAS 0.3.31 NO_AFFINITY LOONGSON3R5")
+    monkeypatch.setattr(_blas, "WHEELS", CMEEL_ONLY)
     monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
     found, why = _blas.wheel_openblas()
     assert found is None and "unknown CPU target (LOONGSON3R5)" in why
@@ -140,7 +149,7 @@ def test_discovery_is_bounded_in_a_tree_with_a_symlink_loop(tmp_path):
     out = subprocess.run([sys.executable, "-c", DISCOVERY, str(tmp_path)], capture_output=True, text=True, timeout=30, check=True)
     result = json.loads(out.stdout)
     assert result["found"] is None
-    assert result["why"][:2] == ["no system OpenBLAS", "cmeel-openblas not installed"]
+    assert result["why"][:2] == ["no system OpenBLAS", "cmeel-openblas not installed; ngsolve-openblas not installed"]
     assert result["seconds"] < 2
 
 
@@ -215,3 +224,51 @@ def test_a_shared_cache_home_falls_back_to_a_private_folder(tmp_path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
     monkeypatch.setattr(_blas.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     assert _blas._cache_dir() == str(tmp_path / "tmp" / f"mlx_dpo-blas-{os.getuid()}")
+
+
+AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma"}
+
+
+@needs_linux
+def test_an_avx2_cpu_passes_over_the_avx512_build_and_loads_the_dynamic_arch_one(tmp_path, monkeypatch):
+    write_fake_openblas(tmp_path, b"OpenBLAS 0.3.31 NO_AFFINITY SKYL")
+    dynamic = tmp_path / "ngsolve_openblas"
+    dynamic.mkdir()
+    (dynamic / "libopenblasp-r0.3.33.so").write_bytes(b"\0OpenBLAS 0.3.33 DYNAMIC_ARCH NO_AFFINITY Haswell\0")
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.setattr(_blas, "cpu_flags", lambda: AVX2_ONLY)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    found, why = _blas.wheel_openblas()
+    assert why == "" and found.route == "wheel" and found.path == str(dynamic / "libopenblasp-r0.3.33.so")
+    monkeypatch.setattr(_blas, "cpu_flags", lambda: AVX2_ONLY | set(_blas.TARGET_NEEDS["SKYLAKEX"]))
+    assert _blas.wheel_openblas()[0].path.endswith("libopenblas.so.0")  # AVX-512: the single-target build first
+    (dynamic / "libopenblasp-r0.3.33.so").unlink()
+    monkeypatch.setattr(_blas, "cpu_flags", lambda: AVX2_ONLY)
+    found, why = _blas.wheel_openblas()
+    assert found is None and "cmeel-openblas is built for SKYLAKEX and this CPU lacks avx512f" in why
+    assert "ngsolve-openblas not installed" in why
+
+
+def pinned() -> dict:
+    """The BLAS wheels pyproject.toml pins: name -> (version, the platform_machine it is for)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    return {m[0]: (m[1], m[2]) for m in re.findall(r'"([a-z-]+openblas)==([0-9.a-z]+);[^"]*platform_machine == \'(\w+)\'', text)}
+
+
+def test_the_pinned_blas_wheels_are_builds_whose_target_the_loader_reads():
+    pins = pinned()
+    assert set(pins) == {"ngsolve-openblas", "cmeel-openblas"}
+    assert pins["ngsolve-openblas"][1] == "x86_64" and pins["cmeel-openblas"][1] == "aarch64"
+    machine = platform.machine()
+    checked = 0
+    for (name, parts), expected in zip(_blas.WHEELS, ("NEOVERSEN2", "DYNAMIC_ARCH")):
+        version, arch = pins[name]
+        if arch != machine or not LINUX:
+            continue
+        assert importlib.metadata.version(name) == version  # what pip installed is the pinned build
+        folder = _blas._in_sys_path(*parts[:-1])
+        path = sorted(Path(folder).glob(parts[-1]))[0]
+        assert _blas.openblas_target(str(path)) == expected
+        checked += 1
+    if LINUX and machine in ("x86_64", "aarch64"):
+        assert checked == 1
