@@ -1,7 +1,7 @@
 """Independent float64 NumPy reference for GRPO advantages, loss, gradient and metrics.
 
 Written from the formulas (GRPO / DAPO / Dr. GRPO / GSPO papers and the semantics
-of TRL's GRPOTrainer as of TRL v1.9.0), not from any implementation's code. Plain
+of TRL's GRPOTrainer as of TRL 1.16.0), not from any implementation's code. Plain
 NumPy, float64, no MLX: tests compare the MLX code against these functions.
 
 Notation

@@ -1,5 +1,5 @@
 """GRPO's advantages and loss against the independent float64 NumPy reference (tests/online/grpo_reference.py,
-written from the formulas and TRL v1.9.0's documented semantics), plus finite-difference gradients."""
+written from the formulas and TRL 1.16.0's semantics), plus finite-difference gradients."""
 
 import itertools
 
