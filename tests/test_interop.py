@@ -75,3 +75,52 @@ def test_an_mlx_lm_lora_config_runs_unchanged_with_sft(tiny_model_path, tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Test: loss" in out.stdout and "ppl" in out.stdout
     model, _ = load(str(tiny_model_path), adapter_path=str(tmp_path / "ad"))  # and mlx-lm loads its adapters
+
+
+def test_sft_trains_with_the_losses_of_mlx_lms_own_trainer_step_by_step(tiny_model_path, tmp_path):
+    """An mlx-lm config with ``loss_type: sft`` against mlx-lm's own ``train()`` (its batching, Adam,
+    compiled step and reports; one batch holds the whole split, so both see the same rows each
+    step; full fine-tuning of the last layer, so no random adapter initialisation differs).
+    mlx-lm 0.32's ``default_loss`` also counts the target after each sequence's last token (the
+    padding after EOS); ours does not, so mlx-lm's loss runs with that one target left out."""
+    import types
+
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx_lm import lora as mlx_lm_lora
+    from mlx_lm.tuner.datasets import CacheDataset
+    from mlx_lm.tuner.trainer import TrainingArgs, default_loss, iterate_batches, train
+
+    from tests.support import Recorder
+
+    texts = [f"Review {i}: " + " ".join(r["chosen"] for r in preference_records(2, seed=i)) for i in range(8)]
+    for split in ("train", "valid", "test"):
+        write_jsonl(tmp_path / "data" / f"{split}.jsonl", [{"text": t} for t in texts])
+    keys = {"model": str(tiny_model_path), "data": str(tmp_path / "data"), "train": True, "fine_tune_type": "full",
+            "batch_size": 8, "iters": 6, "learning_rate": 1e-3, "steps_per_report": 1, "steps_per_eval": 1000,
+            "val_batches": 1, "num_layers": 1, "max_seq_length": 128, "seed": 3, "optimizer": "adam"}
+
+    def without_the_target_past_the_end(model, batch, lengths):
+        steps = mx.arange(1, batch.shape[1])
+        mask = (steps >= lengths[:, 0:1]) & (steps < lengths[:, 1:])
+        ce, ntoks = nn.losses.cross_entropy(model(batch[:, :-1]), batch[:, 1:]) * mask, mask.sum()
+        return ce.astype(mx.float32).sum() / ntoks, ntoks  # one sum: MLX 0.32 fails on two in a compiled step
+
+    args = types.SimpleNamespace(**{**mlx_lm_lora.CONFIG_DEFAULTS, **keys})
+    model, tokenizer = load(args.model)
+    train_set, valid_set, _ = (CacheDataset(s) for s in mlx_lm_lora.load_dataset(args, tokenizer))
+    batch, lengths = next(iterate_batches(train_set, 8, 128))
+    assert abs(default_loss(model, batch, lengths)[0].item() - without_the_target_past_the_end(model, batch, lengths)[0].item()) > 1e-3
+    model.freeze()  # as mlx-lm's train_model for fine_tune_type: full
+    model.layers[-1].unfreeze()
+    theirs = Recorder()
+    targs = TrainingArgs(batch_size=8, iters=6, val_batches=1, steps_per_report=1, steps_per_eval=1000, steps_per_save=1000,
+                         adapter_file=str(tmp_path / "mlx_lm.safetensors"), max_seq_length=128)
+    train(model, optim.Adam(learning_rate=args.learning_rate), train_set, valid_set, args=targs,
+          loss=without_the_target_past_the_end, training_callback=theirs)
+
+    ours = Recorder()
+    run(load_config([], overrides={**keys, "loss_type": "sft", "adapter_path": str(tmp_path / "ours")}), ours)
+    a, b = [r["train_loss"] for r in theirs.train], [r["train_loss"] for r in ours.train]
+    assert len(a) == len(b) == 6 and a[-1] < a[0] - 0.05  # it trained
+    np.testing.assert_allclose(b, a, rtol=2e-4)
