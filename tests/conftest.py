@@ -5,6 +5,8 @@ import pytest
 import mlx_dpo  # noqa: F401  (loads the fast BLAS before mlx)
 from mlx_dpo.toy import make_model, make_preference_data
 
+pytest_plugins = ["tests.strict_ci"]
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory):

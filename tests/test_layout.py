@@ -150,3 +150,22 @@ def test_lora_is_a_table_of_contents():
 @pytest.mark.parametrize("path", [p for p in MODULES if p.name == "__init__.py" and p.parent != PACKAGE], ids=lambda p: p.parent.name)
 def test_every_folder_says_what_it_holds(path):
     assert ast.get_docstring(ast.parse(path.read_text()))
+
+
+def test_under_ci_a_skipped_test_fails_with_its_reason(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\ndef test_needs_a_model():\n    pytest.skip('no real model here')\n\n"
+        "def test_passes():\n    assert True\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "tests.strict_ci", "-p", "no:cacheprovider", str(tmp_path / "test_skips.py")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    strict = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env={**env, "CI": "true"})
+    assert strict.returncode == 1 and "1 failed, 1 passed" in strict.stdout and "no real model here" in strict.stdout
+    relaxed = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env={**env, "CI": ""})
+    assert relaxed.returncode == 0 and "1 passed, 1 skipped" in relaxed.stdout
+    if sys.platform.startswith("linux"):
+        no_blas = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env={**env, "CI": "true", "MLX_DPO_BLAS": "/nonexistent/libblas.so"})
+        assert no_blas.returncode != 0 and "no fast BLAS is loaded" in no_blas.stdout + no_blas.stderr
