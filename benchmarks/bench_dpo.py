@@ -24,7 +24,8 @@ and the vocabulary projection counts on response tokens only (a lower bound). Th
 ~58M-parameter Llama (8 layers, hidden 512, 32k vocabulary) in float32, with
 LoRA rank 8 on every linear layer.
 
-    python benchmarks/bench_dpo.py                    # the table and the ratios
+    python benchmarks/bench_dpo.py                    # the table and the ratios (mlx_dpo's default CPU path)
+    python benchmarks/bench_dpo.py --path compiled    # mlx_dpo's compiled one-stream step instead
     python benchmarks/bench_dpo.py --model PATH       # any mlx-lm model
     python benchmarks/bench_dpo.py --shapes prompt-heavy,balanced,response-heavy \
         --configs dpo,dpo-shared,dpo-precomp,dpo-precomp-shared   # prefix sharing
@@ -59,6 +60,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=6, help="Timed steps per configuration (after one warm-up pass over the batches).")
     p.add_argument("--noblas-steps", type=int, default=2, help="Timed steps for the slow-BLAS run.")
     p.add_argument("--configs", default="sft,dpo,dpo-precomp,sft-noblas")
+    p.add_argument("--path", default="default", choices=("default", "compiled"),
+                   help="mlx_dpo's step: default (as `python -m mlx_dpo.lora` runs it here: compile and cpu_streams "
+                        "auto) or compiled (one stream, a compiled step, every position projected)")
     p.add_argument("--shapes", default="default", help="Comma-separated data shapes: " + ", ".join(SHAPES))
     p.add_argument("--shape", default="default", help=argparse.SUPPRESS)
     p.add_argument("--json", help="Also write the results here.")
@@ -107,8 +111,9 @@ def worker(args: argparse.Namespace) -> dict:
 
     from mlx_dpo._platform import blas as _blas
     from mlx_dpo.compute.batching import pad_batch
-    from mlx_dpo.objectives.loss import Objective, pair_loss_fn
     from mlx_dpo.compute.reference import compute_reference_logps, make_reference
+    from mlx_dpo.lora import compiled, cpu_plan
+    from mlx_dpo.objectives.loss import Objective, pair_loss_fn
 
     cfg = args.worker
     mx.random.seed(0)
@@ -156,22 +161,30 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         from mlx_dpo.train.trainer import TrainingArgs, train
 
+        import types
+
         batches = [pad_batch(g, share_prefix=share) for g in groups]
         assert all(("prefix_tokens" in b) == share for b in batches)
-        reference = make_reference(model)
-        if cfg.startswith("dpo-precomp"):
-            for g, b in zip(groups, batches):
-                ref = compute_reference_logps(reference, g, args.batch_size, share_prefix=share)
-                b["reference_logps"] = mx.array(ref.T.reshape(-1))
-            reference = None
+        default = args.path == "default"
+        plan = types.SimpleNamespace(compile="auto" if default else True, cpu_streams="auto" if default else 1, logits_chunk_size=None)
+        step_compiled, update_compiled = compiled(plan)
+        with cpu_plan(plan, vocab) as how:  # the CPU plan `python -m mlx_dpo.lora` would use
+            reference = make_reference(model, None, how)
+            if cfg.startswith("dpo-precomp"):
+                for g, b in zip(groups, batches):
+                    ref = compute_reference_logps(reference, g, args.batch_size, share_prefix=share)
+                    b["reference_logps"] = mx.array(ref.T.reshape(-1))
+                reference = None
 
-        def dpo_batches(*_, **__):
-            while True:
-                yield from batches
+            def dpo_batches(*_, **__):
+                while True:
+                    yield from batches
 
-        targs = TrainingArgs(batch_size=args.batch_size, iters=iters, steps_per_report=1, steps_per_eval=10**9,
-                             steps_per_save=10**9, val_batches=0, adapter_file=os.path.join(tmp, "a.safetensors"))
-        train(model, optim.Adam(learning_rate=1e-5), pair_loss_fn(Objective(("dpo",)), reference), [None], None, dpo_batches, targs, training_callback=Timer())
+            targs = TrainingArgs(batch_size=args.batch_size, iters=iters, steps_per_report=1, steps_per_eval=10**9,
+                                 steps_per_save=10**9, val_batches=0, adapter_file=os.path.join(tmp, "a.safetensors"),
+                                 compile=step_compiled, compile_update=update_compiled)
+            train(model, optim.Adam(learning_rate=1e-5), pair_loss_fn(Objective(("dpo",)), reference, how), [None], None,
+                  dpo_batches, targs, training_callback=Timer())
 
     timed = times[n_batches:]  # the first pass over the batches compiles each shape
     step = statistics.median(timed)
@@ -186,7 +199,7 @@ def worker(args: argparse.Namespace) -> dict:
     responses = statistics.mean(sum(len(t) - st for ex in g for t, st in ex) for g in groups)
     passes = 4 + (2 if cfg in ("dpo", "dpo-shared") else 0)  # policy forward + backward, reference forward
     return {
-        "config": cfg,
+        "config": cfg if cfg.startswith("sft") else f"{cfg} ({args.path})",
         "shape": args.shape,
         "mean_prompt": statistics.mean(ex[0][1] for g in groups for ex in g),
         "mean_response": statistics.mean(len(t) - st for g in groups for ex in g for t, st in ex),
