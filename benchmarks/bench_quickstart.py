@@ -28,6 +28,10 @@ def run_route(route: str, coretype: str | None) -> dict:
     env = {**os.environ, "MLX_DPO_BLAS": route}
     if coretype:
         env["OPENBLAS_CORETYPE"] = coretype
+    probe = "import mlx_dpo; s = mlx_dpo._platform.blas.status; print(s[0]); print(s[1])"
+    status, detail = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.splitlines()[:2]
+    if status not in ("loaded", "off"):  # nothing to time: it would run on the reference BLAS
+        return {"route": route, "error": detail}
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "mlx_dpo.lora", "--config", "examples/quickstart.yaml", "--adapter-path", out]
         tic = time.perf_counter()

@@ -17,9 +17,10 @@ source distribution (as ``examples/real`` fetches them):
 - ``short``: a one-line instruction and answers of 1-2 sentences.
 
 Reported per tool and shape: the median step time and the steady throughput in non-padding
-tokens per second (the prompt counted with each answer, as TRL's batch holds it: mean tokens of
-a step over the epoch / mean time of a step after ``--warmup`` steps), and the process's peak
-RSS; then mlx-dpo's ratio. The model defaults to SmolLM2-135M-Instruct as ``examples/real/run.py``
+tokens per second over exactly the timed steps (those after ``--warmup``): the tokens of those
+steps (the prompt counted with each answer, as TRL's batch holds it; each tool counts its own
+batches, which come in different orders) over their summed time; the process's peak RSS; then
+mlx-dpo's ratio. The model defaults to SmolLM2-135M-Instruct as ``examples/real/run.py``
 converts it.
 
 ``--mlx-variants`` also trains mlx-dpo with other settings on the same pairs (``VARIANTS``: the
@@ -137,11 +138,11 @@ def trl_python(venv: Path) -> Path:
     return python
 
 
-def steady(times: list[float], tokens_per_step: float, warmup: int) -> dict:
-    """Median step time and tokens/s after the warm-up steps."""
-    kept = times[warmup:] or times
-    return {"median_step_s": statistics.median(kept), "tokens_per_s": tokens_per_step / statistics.mean(kept),
-            "tokens_per_step": tokens_per_step}
+def steady(times: list[float], tokens: list[float], warmup: int) -> dict:
+    """Median step time and tokens/s over exactly the steps after the warm-up: their tokens over their time."""
+    kept, counted = (times[warmup:], tokens[warmup:]) if len(times) > warmup else (times, tokens)
+    return {"median_step_s": statistics.median(kept), "tokens_per_s": sum(counted) / sum(kept),
+            "tokens_per_step": statistics.mean(counted), "steps_timed": len(kept)}
 
 
 def run_trl(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
@@ -150,11 +151,11 @@ def run_trl(python: Path, model: str, data: Path, steps: int, warmup: int, work:
     if done.returncode:
         raise SystemExit(f"TRL failed:\n{done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**steady(out["times"], statistics.mean(out["tokens"]), warmup), "peak_rss_gb": out["peak_rss_gb"],
+    return {**steady(out["times"], out["tokens"], warmup), "peak_rss_gb": out["peak_rss_gb"],
             "losses": out["losses"], "tool": f"TRL {out['version']}"}
 
 
-def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, real_tokens: float, variant: str = "default") -> dict:
+def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, variant: str = "default") -> dict:
     config = {
         "model": model, "data": str(data_dir), "train": True, "test": False, "loss_type": "dpo", "beta": 0.1,
         "fine_tune_type": "lora", "num_layers": -1,
@@ -172,21 +173,9 @@ def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, rea
     rows = [json.loads(x) for x in (work / f"mlx-{variant}" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r.get("split") == "train"]
     times = [1.0 / r["iterations_per_second"] for r in train]
+    tokens = [r["tokens_per_second"] * t for r, t in zip(train, times)]  # one report a step: that step's real tokens
     tool = "mlx-dpo" if variant == "default" else f"mlx-dpo {variant}"
-    return {**steady(times, real_tokens, warmup), "peak_rss_gb": rss, "losses": [r["loss"] for r in train], "tool": tool}
-
-
-def real_tokens_per_step(pairs: list[dict], model: str, steps: int) -> float:
-    """Mean non-padding tokens of a step over the epoch (prompt + answer for each answer, cut at 256)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model)
-    total = 0
-    for p in pairs:
-        prompt = len(tok(p["prompt"])["input_ids"])
-        for answer in (p["chosen"], p["rejected"]):
-            total += min(256, prompt + len(tok(answer)["input_ids"]) + 1)  # + EOS
-    return total / steps
+    return {**steady(times, tokens, warmup), "peak_rss_gb": rss, "losses": [r["loss"] for r in train], "tool": tool}
 
 
 def main() -> None:
@@ -210,7 +199,6 @@ def main() -> None:
             work = Path(tmp)
             (work / "data").mkdir()
             (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
-            per_step = real_tokens_per_step(pairs, args.model, args.steps)
             for tool in args.tools.split(","):
                 print(f"[compare_trl] {shape} prompts: {tool}, {args.steps} steps", flush=True)
                 if tool == "trl":
@@ -220,13 +208,13 @@ def main() -> None:
                 for variant in args.mlx_variants.split(","):
                     if variant != "default":
                         print(f"[compare_trl] {shape} prompts: mlx-dpo {variant}", flush=True)
-                    row = run_mlx(args.model, work / "data", args.steps, args.warmup, work, per_step, variant)
+                    row = run_mlx(args.model, work / "data", args.steps, args.warmup, work, variant)
                     table.append({"shape": shape, **row})
-    print("\n| shape | tool | tokens a step | median step (s) | non-padding tokens/s | peak RSS (GB) | first loss |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| shape | tool | steps timed | tokens a timed step | median step (s) | non-padding tokens/s | peak RSS (GB) | first loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['shape']} | {r['tool']} | {r['tokens_per_step']:.0f} | {r['median_step_s']:.2f} | {r['tokens_per_s']:.1f} "
-              f"| {r['peak_rss_gb']:.2f} | {r['losses'][0]:.4f} |")
+        print(f"| {r['shape']} | {r['tool']} | {r['steps_timed']} | {r['tokens_per_step']:.0f} | {r['median_step_s']:.2f} | "
+              f"{r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['losses'][0]:.4f} |")
     for shape in args.shapes.split(","):
         rows = {("TRL" if r["tool"].startswith("TRL") else r["tool"]): r for r in table if r["shape"] == shape}
         if "TRL" in rows and "mlx-dpo" in rows:

@@ -39,7 +39,7 @@ from . import elf
 ENV = "MLX_DPO_BLAS"
 ROUTES = ("system", "wheel", "mkl")
 SYSTEM_HINT = "sudo apt-get install libopenblas0-pthread"
-ROOTLESS_HINT = "pip install mkl"
+ROOTLESS_HINT = "pip install ngsolve-openblas"  # x86-64; on aarch64: pip install cmeel-openblas
 
 SYSTEM_PATHS = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -390,8 +390,8 @@ def describe() -> Optional[str]:
     if kind in ("missing", "failed", "too-late"):
         why = {"missing": f"no fast BLAS for this CPU ({detail})", "failed": f"loading failed ({detail})", "too-late": detail}[kind]
         return (
-            f"[WARNING] CPU training runs ~15x slower than it could: {why}, so MLX uses its reference BLAS. "
-            f"Fix: `{SYSTEM_HINT}` (float32 matmul ~30x faster), or without root `{ROOTLESS_HINT}` (x86-64, ~14x), "
-            f"or point {ENV} at a BLAS library."
+            f"[WARNING] CPU training runs several times slower than it could: {why}, so MLX uses its reference BLAS. "
+            f"Fix (float32 matmuls about 30x faster): `{SYSTEM_HINT}`, or without root `{ROOTLESS_HINT}` (x86-64; "
+            f"`pip install cmeel-openblas` on aarch64) or `pip install mkl`, or point {ENV} at a BLAS library."
         )
     return None
