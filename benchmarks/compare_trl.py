@@ -26,6 +26,12 @@ converts it.
 ``--mlx-variants`` also trains mlx-dpo with other settings on the same pairs (``VARIANTS``: the
 plain path without prefix sharing or streams, the compiled step with and without shape
 bucketing) and prints how far each one's losses are from the default run's, step by step.
+
+``--parity`` compares the numbers instead of the speed: both tools train on the same batches in
+the same order (mlx-dpo's seeded order, given to TRL in sequence), from the same LoRA
+initialisation (mlx-dpo's, exported in PEFT's layout), with plain SGD at a constant rate and no
+gradient clipping, and the script prints each step's loss and reward accuracy side by side with
+the largest difference.
 """
 
 from __future__ import annotations
@@ -98,6 +104,40 @@ try:
     runpy.run_module("mlx_dpo.lora", run_name="__main__")
 finally:
     print("PEAK_RSS_GB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+'''
+
+
+# Runs inside TRL's venv for --parity: the same steps as mlx-dpo, in order, from given LoRA weights.
+TRL_PARITY_SCRIPT = r'''
+import json, sys
+import torch
+from datasets import load_dataset
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+s = json.loads(sys.argv[1])
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(s["model"])
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32), s["init"], is_trainable=True)
+data = load_dataset("json", data_files=s["data"], split="train")
+tokens = []
+
+class InOrder(DPOTrainer):
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+    def training_step(self, model, inputs, *a, **kw):
+        tokens.append(int(inputs["attention_mask"].sum()))
+        return super().training_step(model, inputs, *a, **kw)
+
+cfg = DPOConfig(output_dir=s["out"], per_device_train_batch_size=2, max_steps=s["steps"], learning_rate=s["lr"], optim="sgd",
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, beta=0.1,
+                max_length=256, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                bf16=False, fp16=False, dataloader_num_workers=0)
+trainer = InOrder(model=model, args=cfg, train_dataset=data, processing_class=tok)
+trainer.train()
+logs = [h for h in trainer.state.log_history if "loss" in h]
+print(json.dumps({"losses": [h["loss"] for h in logs], "accuracies": [h["rewards/accuracies"] for h in logs],
+                  "tokens": tokens, "version": __import__("trl").__version__}))
 '''
 
 
@@ -178,6 +218,79 @@ def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, var
     return {**steady(times, tokens, warmup), "peak_rss_gb": rss, "losses": [r["loss"] for r in train], "tool": tool}
 
 
+def mlx_order_and_init(model: str, data_dir: Path, steps: int, work: Path) -> tuple[list[int], Path, Path]:
+    """mlx-dpo's first ``steps`` batches (pair indices, in its seeded order) and its LoRA initialisation,
+    saved in mlx-lm's layout (to resume from) and in PEFT's (for TRL)."""
+    import mlx_dpo  # noqa: F401  (the BLAS before mlx)
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    from mlx_dpo.compute.batching import iterate_batches
+    from mlx_dpo.data import load_datasets
+
+    policy, tokenizer = load(model)
+    pairs = load_datasets(str(data_dir), tokenizer, "pairs", 256, splits=("train",))["train"]
+    order = [int(i) for b in iterate_batches(pairs, 2, seed=0) for i in b["index"].tolist()][: 2 * steps]
+    mx.random.seed(0)
+    policy.freeze()
+    linear_to_lora_layers(policy, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": LORA_KEYS})
+    weights = dict(tree_flatten(policy.trainable_parameters()))
+    mx.save_safetensors(str(work / "init.safetensors"), weights)
+    peft = work / "init-peft"
+    peft.mkdir()
+    # PEFT: lora_A.weight is (r, in) and lora_B.weight (out, r), the transposes of mlx-lm's; its
+    # scaling lora_alpha / r = 16 / 8 is mlx-lm's scale 2.0.
+    renamed = {f"base_model.model.{k[: -len('.lora_a')]}.lora_A.weight" if k.endswith("lora_a") else
+               f"base_model.model.{k[: -len('.lora_b')]}.lora_B.weight": v.T for k, v in weights.items()}
+    mx.save_safetensors(str(peft / "adapter_model.safetensors"), renamed, metadata={"format": "pt"})
+    (peft / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted({k.split(".")[-1] for k in LORA_KEYS}), "base_model_name_or_path": model}))
+    return order, work / "init.safetensors", peft
+
+
+def parity(args, sentences: list[str], python: Path) -> None:
+    """``--parity``: per-step loss and reward accuracy of both tools on the same batches, init and optimizer."""
+    pairs = make_pairs(sentences, "long", 2 * args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "data").mkdir()
+        (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
+        order, init, peft = mlx_order_and_init(args.model, work / "data", args.steps, work)
+        (work / "trl.jsonl").write_text("".join(json.dumps(pairs[i]) + "\n" for i in order))
+        config = {
+            "model": args.model, "data": str(work / "data"), "train": True, "test": False, "loss_type": "dpo", "beta": 0.1,
+            "fine_tune_type": "lora", "num_layers": -1, "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": LORA_KEYS},
+            "optimizer": "sgd", "learning_rate": args.parity_lr, "batch_size": 2, "iters": args.steps, "max_seq_length": 256,
+            "steps_per_report": 1, "steps_per_eval": 10**6, "val_batches": 0, "save_every": 10**6, "seed": 0,
+            "adapter_path": str(work / "mlx"), "resume_adapter_file": str(init),
+        }
+        (work / "mlx.json").write_text(json.dumps(config))
+        done = subprocess.run([sys.executable, "-c", MLX_SCRIPT, str(work / "mlx.json")], capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            raise SystemExit(f"mlx-dpo failed:\n{done.stderr[-3000:]}")
+        rows = [json.loads(x) for x in (work / "mlx" / "metrics.jsonl").read_text().splitlines()]
+        ours = [r for r in rows if r.get("split") == "train"]
+        settings = {"model": args.model, "data": str(work / "trl.jsonl"), "steps": args.steps, "out": str(work / "trl"),
+                    "init": str(peft), "lr": args.parity_lr}
+        done = subprocess.run([str(python), "-c", TRL_PARITY_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"TRL failed:\n{done.stderr[-3000:]}")
+        trl = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"\nDPO on the same batches, SGD {args.parity_lr} constant, LoRA r8 from one initialisation; TRL {trl['version']}")
+    print("\n| step | mlx-dpo loss | TRL loss | difference | mlx-dpo reward acc. | TRL reward acc. | tokens (mlx-dpo / TRL) |")
+    print("|---|---|---|---|---|---|---|")
+    for k, (m, t_loss, t_acc, t_tok) in enumerate(zip(ours, trl["losses"], trl["accuracies"], trl["tokens"]), 1):
+        m_tok = m["tokens_per_second"] / m["iterations_per_second"]
+        print(f"| {k} | {m['loss']:.6f} | {t_loss:.6f} | {m['loss'] - t_loss:+.1e} | {m['rewards/accuracies']:.2f} | {t_acc:.2f} | {m_tok:.0f} / {t_tok} |")
+    gap = max(abs(m["loss"] - t) for m, t in zip(ours, trl["losses"]))
+    same_acc = all(abs(m["rewards/accuracies"] - t) < 1e-6 for m, t in zip(ours, trl["accuracies"]))
+    print(f"\nlargest loss difference over {len(ours)} steps: {gap:.1e}; reward accuracies {'equal' if same_acc else 'DIFFER'} at every step; "
+          f"last loss {ours[-1]['loss']:.4f} (from {ours[0]['loss']:.4f})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(ROOT / "examples" / "real" / "work" / "smollm2-135m-instruct"))
@@ -187,11 +300,15 @@ def main() -> None:
     p.add_argument("--trl-venv", default=str(ROOT / "benchmarks" / ".trl-venv"))
     p.add_argument("--tools", default="trl,mlx", help="Which tools to run (trl, mlx or both).")
     p.add_argument("--mlx-variants", default="default", help="mlx-dpo settings to run: " + ", ".join(VARIANTS))
+    p.add_argument("--parity", action="store_true", help="Compare per-step losses on the same batches instead of speed.")
+    p.add_argument("--parity-lr", type=float, default=1.0, help="SGD learning rate of --parity.")
     args = p.parse_args()
     if unknown := set(args.mlx_variants.split(",")) - set(VARIANTS):
         p.error(f"unknown --mlx-variants {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
     sentences = review_sentences()
     python = trl_python(Path(args.trl_venv)) if "trl" in args.tools else None
+    if args.parity:
+        return parity(args, sentences, python)
     table = []
     for shape in args.shapes.split(","):
         pairs = make_pairs(sentences, shape, 2 * args.steps)
