@@ -45,14 +45,14 @@ DEFAULTS: dict[str, Any] = {
     "reference_model": None,
     "compile": "auto",
     "cpu_streams": "auto",
-    # The family of objectives (see losses.py for each formula).
+    # The family of objectives (see objectives/losses.py for each formula).
     "loss_weights": None,
     "gamma": 0.5,
     "tau": 0.05,
     "cpo_alpha": 1.0,
     "desirable_weight": 1.0,
     "undesirable_weight": 1.0,
-    # Your own penalty terms (loss_terms.py) and Chain of Hindsight's phrases.
+    # Your own penalty terms (objectives/terms.py) and Chain of Hindsight's phrases.
     "loss_terms": None,
     "coh_positive": "A helpful answer: ",
     "coh_negative": " An unhelpful answer: ",
