@@ -72,6 +72,8 @@ INHERITED_KEYS = (
 def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallback] = None) -> dict:
     """Load, train and/or test as ``args`` say; returns the test metrics (if tested)."""
     check_run(args)
+    if not args.train:  # --test alone: the objective and reference the adapter was trained with
+        inherit_training_settings(args)
     method = methods.choose(args, mx.distributed.init().size())
     user_code = methods.find_reward_funcs(method, args), methods.find_loss_terms(args)  # a misspelt name fails now
     np.random.seed(args.seed)
@@ -104,8 +106,6 @@ def check_run(args: types.SimpleNamespace) -> None:
         raise ConfigError(f"invalid value for 'batch_size': {e}") from None
     if args.train and not args.adapter_path:
         raise ConfigError("invalid value for 'adapter_path': '' (training needs a folder to write to)")
-    if not args.train:
-        inherit_training_settings(args)
 
 
 def compiled(args: types.SimpleNamespace) -> tuple[bool, bool]:
