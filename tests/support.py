@@ -23,6 +23,24 @@ class Recorder(TrainingCallback):
         self.val.append(info)
 
 
+class NoBosTokenizer:
+    """The toy tokenizer, except that its own encoding never adds BOS."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def encode(self, text, add_special_tokens=True):
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+class NoTemplateTokenizer(NoBosTokenizer):
+    has_chat_template = False
+    chat_template = None
+
+
 def cli_args(tiny_model_path, tiny_data_path, adapter_path, *extra):
     return [
         "--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(adapter_path),

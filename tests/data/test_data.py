@@ -17,28 +17,13 @@ from mlx_dpo.data import (
     tokenize_pair,
 )
 from mlx_dpo.toy import preference_records, write_jsonl
+from tests.support import NoBosTokenizer, NoTemplateTokenizer
 
 
 def enc(tok, text):
     return tok.encode(text, add_special_tokens=False)
 
 
-class NoBosTokenizer:
-    """The toy tokenizer, except that its own encoding never adds BOS."""
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def encode(self, text, add_special_tokens=True):
-        return self._tok.encode(text, add_special_tokens=False)
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-
-class NoTemplateTokenizer(NoBosTokenizer):
-    has_chat_template = False
-    chat_template = None
 
     def encode(self, text, add_special_tokens=True):
         return self._tok.encode(text, add_special_tokens=add_special_tokens)

@@ -12,24 +12,7 @@ from mlx_dpo.data import (
     load_prompt_splits,
     load_records,
 )
-
-
-class NoBosTokenizer:
-    """The toy tokenizer, except that its own encoding never adds BOS."""
-
-    def __init__(self, tok):
-        self._tok = tok
-
-    def encode(self, text, add_special_tokens=True):
-        return self._tok.encode(text, add_special_tokens=False)
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-
-class NoTemplateTokenizer(NoBosTokenizer):
-    has_chat_template = False
-    chat_template = None
+from tests.support import NoBosTokenizer, NoTemplateTokenizer
 
 
 def write_jsonl(path, records):
