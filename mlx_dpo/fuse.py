@@ -1,6 +1,7 @@
-"""``python -m mlx_dpo.fuse``: merge trained adapters into the base weights.
+"""``python -m mlx_dpo.fuse``: merge trained adapters into the base weights, or export them.
 
-The result is a standalone Hugging Face-layout model. Fusing into a quantized
+The result is a standalone Hugging Face-layout model; with ``--export-peft DIR`` the adapters are
+written in Hugging Face PEFT's layout instead (``export/peft.py``), and nothing is fused. Fusing into a quantized
 base and re-quantizing rounds the adapter's (small) weight delta to the
 quantization grid, which can lose part of its effect; ``--dequantize`` writes
 the fused model in full precision, and without it a warning says so.
@@ -9,12 +10,15 @@ the fused model in full precision, and without it a warning says so.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional
 
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, load, save
+
+from .export.peft import AdapterFormatError, to_peft
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-path", default="fused_model", help="Where to write the fused model.")
     p.add_argument("--dequantize", action="store_true", help="Write full-precision weights (recommended for quantized bases).")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow custom code from the model repo.")
+    p.add_argument("--export-peft", metavar="DIR", help="Write the LoRA adapters in Hugging Face PEFT's layout to DIR (no fusing).")
     return p
 
 
@@ -39,6 +44,14 @@ def fuse_model(model: nn.Module, dequantize: bool = False) -> nn.Module:
 
 def main(argv: Optional[list[str]] = None) -> Path:
     args = build_parser().parse_args(argv)
+    if args.export_peft:
+        try:
+            out = to_peft(Path(args.adapter_path), Path(args.export_peft), args.model)
+        except (AdapterFormatError, OSError) as e:
+            print(f"mlx_dpo.fuse: error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(2)
+        print(f"PEFT adapter written to {out} (load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r}))")
+        return out
     model, tokenizer, config = load(
         args.model, adapter_path=args.adapter_path, return_config=True, trust_remote_code=args.trust_remote_code
     )

@@ -3,6 +3,7 @@ reference model, and the data splits its method reads, each failure one line."""
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 from typing import Optional
@@ -10,6 +11,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 from huggingface_hub import errors as hub_errors
+from mlx.utils import tree_flatten
 from mlx_lm.tuner.datasets import load_custom_hf_dataset
 from mlx_lm.tuner.utils import (
     linear_to_lora_layers,
@@ -19,6 +21,7 @@ from mlx_lm.tuner.utils import (
 from mlx_lm.utils import load
 
 from ._platform.progress import rank0_print
+from .export.peft import AdapterFormatError, from_peft
 from .compute.batching import padding_fraction
 from .compute.reference import has_adapters
 from .data import (
@@ -143,3 +146,25 @@ def load_reference(args: types.SimpleNamespace, method: Method, model: nn.Module
     ref.freeze()
     ref.eval()
     return ref
+
+
+def peft_start(path: Path, args: types.SimpleNamespace, model: nn.Module) -> Path:
+    """A PEFT LoRA adapter folder (from TRL, axolotl, Unsloth) as the mlx-lm adapter file to start
+    from (written to ``adapter_path/peft_start``), checked to fit this run's LoRA layers exactly."""
+    try:
+        folder = from_peft(path, Path(args.adapter_path) / "peft_start", len(model.layers))
+    except (AdapterFormatError, OSError, KeyError) as e:
+        raise ConfigError(f"resume_adapter_file {path}: {' '.join(str(e).split())}") from None
+    config = json.loads((folder / "adapter_config.json").read_text())
+    theirs, ours = mx.load(str(folder / ADAPTERS)), dict(tree_flatten(model.trainable_parameters()))
+    scales = {float(m.scale) for _, m in model.named_modules() if "lora_a" in m}
+    lora = config["lora_parameters"]
+    fits = set(theirs) == set(ours) and all(theirs[k].shape == ours[k].shape for k in ours)
+    if not fits or not all(abs(s - lora["scale"]) <= 1e-6 * abs(s) for s in scales):
+        raise ConfigError(
+            f"resume_adapter_file {path}: its LoRA (rank {lora['rank']}, scale {lora['scale']:g}, the last "
+            f"{config['num_layers']} layers, keys {lora['keys']}) does not match this run's: set lora_parameters "
+            "(rank, scale, keys) and num_layers to match it"
+        )
+    return folder / ADAPTERS
+

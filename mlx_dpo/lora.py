@@ -42,6 +42,7 @@ from .loading import (
     load_model,
     load_reference,
     load_sets,
+    peft_start,
     prepare_adapters,
     resolve_dtype,
 )
@@ -140,7 +141,10 @@ def train_model(args: types.SimpleNamespace, method: Method, model: nn.Module, p
     """Train from the start or from the checkpoint to resume, writing adapter_config.json first."""
     lr = build_schedule(args.lr_schedule) if args.lr_schedule else args.learning_rate
     optimizer = OPTIMIZERS[args.optimizer](learning_rate=lr, **((args.optimizer_config or {}).get(args.optimizer) or {}))
-    start = restore_checkpoint(model, optimizer, path) if (path := resume_file(args)) else 0
+    path = resume_file(args)
+    if path is not None and path.is_dir():  # a PEFT adapter: converted, checked against this run's LoRA layers
+        path = peft_start(path, args, model)
+    start = restore_checkpoint(model, optimizer, path) if path is not None else 0
     adapter_path = Path(args.adapter_path)
     rank0 = mx.distributed.init().rank() == 0
     if rank0:
@@ -173,8 +177,8 @@ def resume_file(args: types.SimpleNamespace) -> Optional[Path]:
         return path
     if args.resume_adapter_file is not None:
         path = Path(args.resume_adapter_file)
-        if not path.is_file():
-            raise ConfigError(f"resume_adapter_file not found: {path}")
+        if not path.is_file() and not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"resume_adapter_file not found: {path} (an adapters .safetensors file or a PEFT adapter folder)")
         return path
     return None
 
