@@ -10,6 +10,7 @@ the fused model in full precision, and without it a warning says so.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,10 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import dequantize_model, load, save
 
+from . import __version__
+from .export.card import model_card, upload, write_card
 from .export.peft import AdapterFormatError, to_peft
+from .methods import method_name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize", action="store_true", help="Write full-precision weights (recommended for quantized bases).")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow custom code from the model repo.")
     p.add_argument("--export-peft", metavar="DIR", help="Write the LoRA adapters in Hugging Face PEFT's layout to DIR (no fusing).")
+    p.add_argument("--upload-repo", metavar="NAME", help="Upload what was written (with its model card) to this Hub model repository.")
     return p
+
+
+def finish(args: argparse.Namespace, out: Path, kind: str) -> None:
+    """Write the model card into ``out`` and, with ``--upload-repo``, upload the folder."""
+    config = json.loads((Path(args.adapter_path) / "adapter_config.json").read_text())
+    method = method_name(config.get("loss_type", "dpo"), config.get("online", False), config.get("rounds"))
+    card = write_card(out, model_card(Path(args.adapter_path), args.model, method, kind, __version__))
+    print(f"Model card written to {card}")
+    if args.upload_repo:
+        print(f"Uploaded to {upload(out, args.upload_repo)}")
 
 
 def fuse_model(model: nn.Module, dequantize: bool = False) -> nn.Module:
@@ -51,6 +66,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
             print(f"mlx_dpo.fuse: error: {' '.join(str(e).split())}", file=sys.stderr)
             sys.exit(2)
         print(f"PEFT adapter written to {out} (load it with peft.PeftModel.from_pretrained(base_model, {str(out)!r}))")
+        finish(args, out, "peft")
         return out
     model, tokenizer, config = load(
         args.model, adapter_path=args.adapter_path, return_config=True, trust_remote_code=args.trust_remote_code
@@ -68,6 +84,7 @@ def main(argv: Optional[list[str]] = None) -> Path:
     save_path = Path(args.save_path)
     save(save_path, args.model, model, tokenizer, config, donate_model=False)
     print(f"Fused model written to {save_path}")
+    finish(args, save_path, "fused")
     return save_path
 
 
