@@ -22,6 +22,8 @@ from mlx_lm.utils import dequantize_model, load, save
 from . import __version__
 from .export.card import model_card, upload, write_card
 from .export.peft import AdapterFormatError, to_peft
+from .gguf.reader import GGUFError
+from .gguf.writer import TYPES, write_gguf
 from .methods import method_name
 
 
@@ -33,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dequantize", action="store_true", help="Write full-precision weights (recommended for quantized bases).")
     p.add_argument("--trust-remote-code", action="store_true", help="Allow custom code from the model repo.")
     p.add_argument("--export-peft", metavar="DIR", help="Write the LoRA adapters in Hugging Face PEFT's layout to DIR (no fusing).")
+    p.add_argument("--export-gguf", metavar="PATH", help="Also write the fused model as one GGUF file (llama.cpp, Ollama, LM Studio).")
+    p.add_argument("--gguf-type", default="f16", choices=sorted(TYPES), help="The GGUF's weight type (default f16).")
     p.add_argument("--upload-repo", metavar="NAME", help="Upload what was written (with its model card) to this Hub model repository.")
     return p
 
@@ -72,6 +76,8 @@ def main(argv: Optional[list[str]] = None) -> Path:
         args.model, adapter_path=args.adapter_path, return_config=True, trust_remote_code=args.trust_remote_code
     )
     quantized = "quantization" in config or "quantization_config" in config
+    if args.export_gguf:  # a GGUF is written from full-precision weights, quantized by its own type
+        args.dequantize = True
     if quantized and not args.dequantize:
         print(
             "[WARNING] The base model is quantized: re-quantizing the fused weights rounds the adapter's "
@@ -84,6 +90,13 @@ def main(argv: Optional[list[str]] = None) -> Path:
     save_path = Path(args.save_path)
     save(save_path, args.model, model, tokenizer, config, donate_model=False)
     print(f"Fused model written to {save_path}")
+    if args.export_gguf:
+        try:
+            gguf_file = write_gguf(save_path, Path(args.export_gguf), args.gguf_type)
+        except GGUFError as e:
+            print(f"mlx_dpo.fuse: error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(2)
+        print(f"GGUF ({args.gguf_type}) written to {gguf_file} ({gguf_file.stat().st_size / 1e6:.1f} MB)")
     finish(args, save_path, "fused")
     return save_path
 

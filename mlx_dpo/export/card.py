@@ -58,7 +58,7 @@ def model_card(adapter_dir: Path, base_model: str, method: str, kind: str, versi
         f"`{config.get('loss_type')}`, data `{config.get('data')}`.", "",
         "## Settings", "", *settings, "", "## Final metrics", "", *_metrics_table(adapter_dir), "",
         "## How to load it", "", *load, "",
-        "A GGUF for llama.cpp, Ollama or LM Studio cannot be exported by this version.", "",
+        "For llama.cpp, Ollama or LM Studio: `python -m mlx_dpo.fuse ... --export-gguf model.gguf` writes a GGUF.", "",
     ])
 
 

@@ -30,6 +30,8 @@ _QWEN2_SPLIT = (
 )
 
 PRE_TOKENIZERS = {
+    # GPT-2's byte-level split alone.
+    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     # Every digit alone, then GPT-2's byte-level split.
     "smollm": lambda: pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
