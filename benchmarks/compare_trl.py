@@ -229,6 +229,7 @@ def mlx_order_and_init(model: str, data_dir: Path, steps: int, work: Path) -> tu
 
     from mlx_dpo.compute.batching import iterate_batches
     from mlx_dpo.data import load_datasets
+    from mlx_dpo.export.peft import to_peft
 
     policy, tokenizer = load(model)
     pairs = load_datasets(str(data_dir), tokenizer, "pairs", 256, splits=("train",))["train"]
@@ -236,19 +237,12 @@ def mlx_order_and_init(model: str, data_dir: Path, steps: int, work: Path) -> tu
     mx.random.seed(0)
     policy.freeze()
     linear_to_lora_layers(policy, -1, {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": LORA_KEYS})
-    weights = dict(tree_flatten(policy.trainable_parameters()))
-    mx.save_safetensors(str(work / "init.safetensors"), weights)
-    peft = work / "init-peft"
-    peft.mkdir()
-    # PEFT: lora_A.weight is (r, in) and lora_B.weight (out, r), the transposes of mlx-lm's; its
-    # scaling lora_alpha / r = 16 / 8 is mlx-lm's scale 2.0.
-    renamed = {f"base_model.model.{k[: -len('.lora_a')]}.lora_A.weight" if k.endswith("lora_a") else
-               f"base_model.model.{k[: -len('.lora_b')]}.lora_B.weight": v.T for k, v in weights.items()}
-    mx.save_safetensors(str(peft / "adapter_model.safetensors"), renamed, metadata={"format": "pt"})
-    (peft / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted({k.split(".")[-1] for k in LORA_KEYS}), "base_model_name_or_path": model}))
-    return order, work / "init.safetensors", peft
+    init = work / "init"
+    init.mkdir()
+    mx.save_safetensors(str(init / "adapters.safetensors"), dict(tree_flatten(policy.trainable_parameters())))
+    (init / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "num_layers": -1,
+                                                          "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}))
+    return order, init / "adapters.safetensors", to_peft(init, work / "init-peft", model)
 
 
 def parity(args, sentences: list[str], python: Path) -> None:

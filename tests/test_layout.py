@@ -11,7 +11,7 @@ from tests.support import ROOT
 
 PACKAGE = ROOT / "mlx_dpo"
 # Each module's layer; a module may import from its own layer and the ones before it only.
-LAYERS = ["_platform", "gguf", "export", "data", "compute", "objectives", "online", "train", "methods", "config", "commands"]
+LAYERS = ["_platform", "gguf", "data", "compute", "objectives", "online", "train", "export", "methods", "config", "commands"]
 TOP = {"errors": "_platform", "loss_terms": "objectives", "methods": "methods", "config": "config", "loading": "config"}
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
+from ..train.metrics_log import FILE as METRICS_FILE
+from ..train.metrics_log import read_metrics
+
 SETTINGS = ("loss_type", "beta", "fine_tune_type", "lora_parameters", "num_layers", "iters", "batch_size",
             "learning_rate", "optimizer", "max_seq_length", "seed")
 METRICS = ("loss", "rewards/accuracies", "rewards/margins", "reward", "ppl")
@@ -23,8 +26,7 @@ def _last(rows: list[dict], split: str) -> dict:
 
 
 def _metrics_table(adapter_dir: Path) -> list[str]:
-    path = adapter_dir / "metrics.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    rows = read_metrics(adapter_dir) if (adapter_dir / METRICS_FILE).is_file() else []
     train, valid = _last(rows, "train"), _last(rows, "eval")
     test_path = adapter_dir / "test_metrics.json"
     test = json.loads(test_path.read_text()) if test_path.is_file() else {}

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..train.checkpoint import ADAPTERS
+
 PREFIX = "base_model.model."
-ADAPTERS, CONFIG = "adapters.safetensors", "adapter_config.json"
-PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+CONFIG = "adapter_config.json"  # mlx-lm's and PEFT's alike
+PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", CONFIG
 
 
 class AdapterFormatError(ValueError):
