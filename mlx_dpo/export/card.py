@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, HfApi
 
 from ..train.metrics_log import FILE as METRICS_FILE
 from ..train.metrics_log import read_metrics
@@ -41,7 +41,7 @@ def _metrics_table(adapter_dir: Path) -> list[str]:
 
 def model_card(adapter_dir: Path, base_model: str, method: str, kind: str, version: str) -> str:
     """The card's Markdown. ``kind``: ``fused`` (a standalone model folder), ``peft`` (a PEFT
-    adapter) or ``mlx`` (mlx-lm adapters)."""
+    adapter), ``mlx`` (mlx-lm adapters) or ``gguf`` (one GGUF file, with its Ollama Modelfile)."""
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     settings = [f"- `{k}`: `{json.dumps(config[k])}`" for k in SETTINGS if k in config]
@@ -51,10 +51,13 @@ def model_card(adapter_dir: Path, base_model: str, method: str, kind: str, versi
         "peft": ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM",
                  f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_model!r}), \".\")", "```"],
         "mlx": ["```bash", f"mlx_lm.generate --model {base_model} --adapter-path . --prompt \"Hello\"", "```"],
+        "gguf": ["```bash", "llama-cli -m MODEL.gguf -p \"Hello\"          # llama.cpp",
+                 "ollama create NAME -f Modelfile && ollama run NAME   # Ollama, with the Modelfile beside the file", "```",
+                 "LM Studio: put the file in a folder under its models folder (`lms import MODEL.gguf`)."],
     }[kind]
     return "\n".join([
         "---", f"base_model: {base_model}", "library_name: " + ("peft" if kind == "peft" else "mlx"),
-        "tags: [mlx, mlx-dpo, " + method.replace("_", "-") + "]", "---", "",
+        "tags: [" + ("gguf, " if kind == "gguf" else "") + "mlx, mlx-dpo, " + method.replace("_", "-") + "]", "---", "",
         f"# {adapter_dir.resolve().name}", "",
         f"Fine-tuned from `{base_model}` with mlx-dpo {version}: method `{method}`, objective "
         f"`{config.get('loss_type')}`, data `{config.get('data')}`.", "",
@@ -64,16 +67,26 @@ def model_card(adapter_dir: Path, base_model: str, method: str, kind: str, versi
     ])
 
 
-def write_card(folder: Path, text: str) -> Path:
-    path = Path(folder) / "README.md"
+def write_card(path: Path, text: str) -> Path:
+    """The card at ``path`` (a folder gets ``README.md``)."""
+    path = Path(path) / "README.md" if Path(path).is_dir() else Path(path)
     path.write_text(text, encoding="utf-8")
     return path
 
 
-def upload(folder: Path, repo: str, api=None) -> str:
-    """Upload ``folder`` (card included) to the Hub model repository ``repo``, made if missing; its URL.
-    ``api`` is a ``huggingface_hub.HfApi`` (the default one needs network access and a token)."""
+def upload(files: dict[str, Path], repo: str, api=None) -> str:
+    """Upload ``files`` (name in the repository -> local file) to the Hub model repository ``repo``,
+    made if missing, in one commit; its URL. ``api`` is a ``huggingface_hub.HfApi`` (the default one
+    needs network access and a token)."""
     api = api if api is not None else HfApi()
     api.create_repo(repo_id=repo, repo_type="model", exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="model")
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in sorted(files.items())]
+    api.create_commit(repo_id=repo, repo_type="model", operations=operations, commit_message="Upload from mlx-dpo")
     return f"https://huggingface.co/{repo}"
+
+
+def folder_files(folder: Path, names: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Every file of ``folder`` (or only ``names``), by its path inside it."""
+    folder = Path(folder)
+    paths = [folder / n for n in names] if names else [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    return {p.relative_to(folder).as_posix(): p for p in paths if p.is_file()}

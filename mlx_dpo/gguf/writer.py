@@ -110,6 +110,7 @@ def write_gguf(model_dir: Path, out: Path, gguf_type: str = "f32") -> Path:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"architecture {arch!r} cannot be exported; supported: {', '.join(ARCHITECTURES)}")
     weights = _weights(model_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     writer = gguf.GGUFWriter(str(out), arch)
     writer.add_context_length(config["max_position_embeddings"])
