@@ -5,7 +5,8 @@ affine-quantized triples (weight, scales, biases; group size 32) that are the
 file's values exactly. Other block formats it turns into float16 through a
 reader that is wrong for some of them (Q4_K) and fails on others, and its
 result does not say which format a tensor had, so the tensor table is read
-here first and only formats known to arrive intact are let through.
+here first: a file with any other format (BF16, the K-quants, Q5_0...) is read
+by gguf-py instead, every tensor dequantized to float32 as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -15,38 +16,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+import gguf
 import mlx.core as mx
 import numpy as np
 
+from .families import FAMILIES, TOP, Family, GGUFError, family_for_arch, is_norm
+
 GROUP_SIZE = 32  # every block format MLX maps onto its own quantization
 
-# GGML type ids, by name, that this import accepts: packed by MLX, read as they are, or
-# turned into float16 by MLX's reader (rounded, and out of range past 65504).
+# GGML type ids that MLX's reader returns intact: packed as MLX's own quantization, or floats.
 QUANTIZED = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
 FLOATS = {0: "F32", 1: "F16"}
-VIA_FLOAT16 = {30: "BF16", 14: "Q6_K"}
-SUPPORTED_TYPES = ", ".join([*QUANTIZED.values(), *FLOATS.values(), *VIA_FLOAT16.values()])
-# Names of the other common ones, for the error message.
-OTHERS = {6: "Q5_0", 7: "Q5_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 20: "IQ4_NL", 23: "IQ4_XS", 39: "MXFP4"}
+SUPPORTED_TYPES = "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the K-quants and the IQ formats gguf-py dequantizes"
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-class GGUFError(ValueError):
-    """A file this import does not support; the message says what is supported."""
 
 
 # GGUF metadata value types: id -> fixed byte size (8 is a string, 9 an array).
@@ -100,7 +82,8 @@ def value(metadata: dict, key: str, default: Any = None) -> Any:
 
 
 def read(path: str | Path) -> tuple[dict[str, mx.array], dict]:
-    """The tensors and metadata of a GGUF whose tensor formats MLX reads intact."""
+    """The tensors and metadata of a GGUF: through MLX's reader when every tensor format arrives
+    intact that way (Q4_0/Q4_1/Q8_0 stay packed), else all dequantized to float32 by gguf-py."""
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"no such file: {path}")
@@ -108,30 +91,33 @@ def read(path: str | Path) -> tuple[dict[str, mx.array], dict]:
         types = tensor_types(path)
     except (struct.error, UnicodeDecodeError, OSError, MemoryError) as e:
         raise GGUFError(f"{path} is not a readable GGUF file ({e})") from None
-    bad = {n: t for n, t in types.items() if t not in QUANTIZED and t not in FLOATS and t not in VIA_FLOAT16}
-    if bad:
-        name, kind = next(iter(bad.items()))
-        raise GGUFError(
-            f"{len(bad)} tensor(s) in a format MLX's GGUF reader does not return correctly, e.g. {name} in "
-            f"{OTHERS.get(kind, f'GGML type {kind}')}; supported: {SUPPORTED_TYPES} (re-quantize to Q4_0, Q4_1 or Q8_0)"
-        )
+    if any(t not in QUANTIZED and t not in FLOATS for t in types.values()):
+        return _read_dequantized(path)
     try:
-        tensors, metadata = mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), return_metadata=True)
     except (RuntimeError, ValueError) as e:
         raise GGUFError(f"MLX cannot read {path}: {e}") from None
-    for name, kind in types.items():
-        if kind in VIA_FLOAT16 and not mx.isfinite(tensors[name]).all().item():
-            raise GGUFError(
-                f"{name} ({VIA_FLOAT16[kind]}) has values beyond float16's range, which MLX's GGUF reader uses for it"
-            )
+
+
+def _read_dequantized(path: Path) -> tuple[dict[str, mx.array], dict]:
+    """Every tensor as gguf-py (llama.cpp's reference code, in NumPy) dequantizes it, in float32."""
+    reader = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in reader.tensors:
+        try:
+            x = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise GGUFError(f"{t.name} is in {t.tensor_type.name}, which gguf-py cannot dequantize; "
+                            f"supported: {SUPPORTED_TYPES}") from None
+        tensors[t.name] = mx.array(np.asarray(x, np.float32).reshape(tuple(reversed(t.shape.tolist()))))
+    metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     return tensors, metadata
 
 
 def model_config(metadata: dict, tensors: dict[str, mx.array]) -> dict:
-    """The Hugging Face ``config.json`` of a llama or qwen2 GGUF."""
+    """The Hugging Face ``config.json`` of a GGUF of a family in ``families.BY_ARCH``."""
     arch = value(metadata, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise GGUFError(f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    family = family_for_arch(arch)
 
     def get(key: str, default: Any = None) -> Any:
         v = value(metadata, f"{arch}.{key}", default)
@@ -143,13 +129,14 @@ def model_config(metadata: dict, tensors: dict[str, mx.array]) -> dict:
     head_dim = get("attention.key_length", hidden // heads)
     if get("rope.dimension_count", head_dim) != head_dim:
         raise GGUFError("rotary embedding on part of each head is not supported")
-    if value(metadata, f"{arch}.rope.scaling.type", "none") != "none" or "rope_freqs.weight" in tensors:
-        raise GGUFError("rope scaling is not supported; supported: plain rotary embeddings")
+    scaling = value(metadata, f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear") or (scaling == "linear" and arch != "gemma3") or "rope_freqs.weight" in tensors:
+        raise GGUFError("rope scaling is not supported; supported: plain rotary embeddings (and Gemma 3's linear scaling)")
     if "token_embd.weight" not in tensors:
-        raise GGUFError("the file has no token_embd.weight: only the tensors of a llama/qwen2 decoder are supported")
+        raise GGUFError("the file has no token_embd.weight: only the tensors of a plain decoder are supported")
     config = {
-        "architectures": [ARCHITECTURES[arch]],
-        "model_type": arch,
+        "architectures": [family.hf_class],
+        "model_type": family.model_type,
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
         "intermediate_size": get("feed_forward_length"),
@@ -165,9 +152,30 @@ def model_config(metadata: dict, tensors: dict[str, mx.array]) -> dict:
     }
     if arch == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch == "gemma3":
+        config.update(_gemma3_config(get, head_dim, scaling))
     for name in ("bos", "eos", "padding"):
         if (token_id := value(metadata, f"tokenizer.ggml.{name}_token_id")) is not None:
             config[f"{name.replace('padding', 'pad')}_token_id"] = token_id
+    return config
+
+
+def _gemma3_config(get, head_dim: int, scaling: str) -> dict:
+    """Gemma 3's sliding-window layers, as llama.cpp reads them (pattern 6 and its attention scale)."""
+    window, pattern = get("attention.sliding_window", 0), get("attention.sliding_window_pattern", 6)
+    if get("block_count") == 62:
+        raise GGUFError("Gemma 3 27B's attention scale is not supported; supported: the 270M to 12B sizes")
+    config = {
+        "sliding_window": window or get("context_length"),
+        "sliding_window_pattern": pattern if window else 1,
+        "rope_local_base_freq": _decimal(get("rope.freq_base_swa", 10000.0)),
+        "query_pre_attn_scalar": head_dim,  # llama.cpp scales queries by 1/sqrt(head_dim)
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_act": "gelu_pytorch_tanh",
+        "rope_scaling": {"rope_type": "linear", "factor": _decimal(get("rope.scaling.factor"))} if scaling == "linear" else None,
+    }
+    if get("final_logit_softcapping", 0.0):
+        raise GGUFError("Gemma 3 with final logit soft-capping is not supported (mlx-lm's gemma3_text has none)")
     return config
 
 
@@ -176,14 +184,14 @@ def _decimal(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def hf_name(name: str) -> str:
+def hf_name(name: str, family: Family) -> str:
     """mlx-lm's parameter name for a llama.cpp tensor name (``blk.3.attn_q.weight``...)."""
     parts = name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
-    if len(parts) == 2 and parts[0] in _TOP_NAMES:
-        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
-    raise GGUFError(f"unexpected tensor {name!r}: only the tensors of a plain llama/qwen2 decoder are supported")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in family.layer:
+        return f"model.layers.{parts[1]}.{family.layer[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in TOP:
+        return f"{TOP[parts[0]]}.{parts[1]}"
+    raise GGUFError(f"unexpected tensor {name!r}: only the tensors of a plain {family.arch} decoder are supported")
 
 
 def _unpermute(x: mx.array, n_head: int) -> mx.array:
@@ -202,10 +210,11 @@ def convert_weights(
     scales, so the values equal llama.cpp's float32 dequantization.
     """
     weights, bits = {}, {}
+    family = FAMILIES[config["model_type"]]
     for name, x in tensors.items():
         if name.endswith((".scales", ".biases")):
             continue
-        base, out = name.rsplit(".", 1)[0], hf_name(name)
+        base, out = name.rsplit(".", 1)[0], hf_name(name, family)
         module = out.rsplit(".", 1)[0]
         group = {out: x}
         if x.dtype == mx.uint32:
@@ -219,11 +228,13 @@ def convert_weights(
                 bits[module] = b
         elif x.ndim == 2:
             bits[module] = None
-        rotary = config["model_type"] == "llama" and base.split(".")[-1] in ("attn_q", "attn_k")
+        rotary = family.permute_qk and base.split(".")[-1] in ("attn_q", "attn_k")
         heads = config["num_attention_heads" if base.endswith("attn_q") else "num_key_value_heads"]
         for key, t in group.items():
             if rotary:
                 t = _unpermute(t, heads)
+            if family.norm_offset and is_norm(name):
+                t = t.astype(mx.float32) - family.norm_offset
             if dtype is not None and mx.issubdtype(t.dtype, mx.floating):
                 t = t.astype(dtype)
             weights[key] = t

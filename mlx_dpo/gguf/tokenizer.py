@@ -1,10 +1,18 @@
-"""Rebuild a GGUF's byte-level BPE tokenizer as a ``tokenizers`` ``tokenizer.json``.
+"""Rebuild a GGUF's tokenizer as a ``tokenizers`` ``tokenizer.json``.
 
-A GGUF keeps the vocabulary, the merges, each token's type and a pre-tokenizer
-name (``tokenizer.ggml.pre``) that stands for llama.cpp's text-splitting rules.
-Those rules decide which merges can apply, so they are rebuilt here per name as
-llama.cpp applies them (no normalizer), with control tokens added as special
-tokens so that text like ``<|im_end|>`` is never split.
+Byte-level BPE (``tokenizer.ggml.model == "gpt2"``): a GGUF keeps the vocabulary,
+the merges, each token's type and a pre-tokenizer name (``tokenizer.ggml.pre``)
+that stands for llama.cpp's text-splitting rules. Those rules decide which merges
+can apply, so they are rebuilt here per name as llama.cpp applies them (no
+normalizer), with control tokens added as special tokens so that text like
+``<|im_end|>`` is never split.
+
+SentencePiece BPE (``"llama"``: Llama 2, Mistral, Gemma): the file keeps a score
+per token instead of merges. llama.cpp splits the text into characters (spaces
+written as ``▁``) and keeps joining the adjacent pair whose joined text is the
+highest-scoring token, the leftmost on ties, falling back to byte tokens. A BPE
+whose merges are every split of every token into two tokens, ranked by the joined
+token's score, joins the same pairs in the same order.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from tokenizers import (
     Tokenizer,
     decoders,
     models,
+    normalizers,
     pre_tokenizers,
     processors,
 )
@@ -31,7 +40,7 @@ _QWEN2_SPLIT = (
 
 PRE_TOKENIZERS = {
     # GPT-2's byte-level split alone.
-    "gpt2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     # Every digit alone, then GPT-2's byte-level split.
     "smollm": lambda: pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
@@ -44,24 +53,23 @@ PRE_TOKENIZERS = {
     ),
 }
 
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp token types
+SPACE = "\u2581"  # SentencePiece's ▁
 
 
 def build_tokenizer(metadata: dict) -> Tokenizer:
-    """The GGUF's byte-level BPE (``tokenizer.ggml.model == "gpt2"``) as a ``tokenizers.Tokenizer``."""
+    """The GGUF's tokenizer (byte-level or SentencePiece BPE) as a ``tokenizers.Tokenizer``."""
     kind, pre = value(metadata, "tokenizer.ggml.model"), value(metadata, "tokenizer.ggml.pre")
-    if kind != "gpt2" or pre not in PRE_TOKENIZERS:
+    if kind == "llama":
+        tok = _sentencepiece(metadata)
+    elif kind == "gpt2" and pre in PRE_TOKENIZERS:
+        tok = _byte_level(metadata, pre)
+    else:
         raise GGUFError(
-            f"tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported; supported: byte-level BPE "
-            f"('gpt2') with pre-tokenizer {' or '.join(repr(p) for p in PRE_TOKENIZERS)}"
+            f"tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported; supported: SentencePiece BPE ('llama') "
+            f"and byte-level BPE ('gpt2') with pre-tokenizer {' or '.join(repr(p) for p in PRE_TOKENIZERS)}"
         )
     tokens, control, user_defined = _vocabulary(metadata)
-    merges = [tuple(m.split(" ", 1)) for m in value(metadata, "tokenizer.ggml.merges", [])]
-    if not merges:
-        raise GGUFError("the file has no tokenizer.ggml.merges, which a byte-level BPE needs")
-    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
-    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
-    tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     tok.add_tokens([AddedToken(t, normalized=False) for t in user_defined])
     # The BOS/EOS that llama.cpp adds around every text, where the file asks for them.
@@ -76,6 +84,44 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
             pair=[*head, "$A", *tail, *head, "$B", *tail],
             special_tokens=[(tokens[i], i) for i in {bos, eos} - {None}],
         )
+    return tok
+
+
+def _byte_level(metadata: dict, pre: str) -> Tokenizer:
+    tokens, _, _ = _vocabulary(metadata)
+    merges = [tuple(m.split(" ", 1)) for m in value(metadata, "tokenizer.ggml.merges", [])]
+    if not merges:
+        raise GGUFError("the file has no tokenizer.ggml.merges, which a byte-level BPE needs")
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    tok.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def score_merges(tokens: list[str], scores: list[float], types: list[int]) -> list[tuple[str, str]]:
+    """Every split of every joinable token into two tokens, the highest-scoring joined token first
+    (ties in token order, then by the two parts' ids)."""
+    ids = {t: i for i, t in enumerate(tokens) if types[i] in (NORMAL, USER_DEFINED)}
+    merges = []
+    for i in sorted(ids.values(), key=lambda i: (-scores[i], i)):
+        piece = tokens[i]
+        splits = [(piece[:c], piece[c:]) for c in range(1, len(piece)) if piece[:c] in ids and piece[c:] in ids]
+        merges += sorted(splits, key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+    return merges
+
+
+def _sentencepiece(metadata: dict) -> Tokenizer:
+    tokens, _, _ = _vocabulary(metadata)
+    scores, types = value(metadata, "tokenizer.ggml.scores"), value(metadata, "tokenizer.ggml.token_type")
+    if not scores or not types:
+        raise GGUFError("the file has no tokenizer.ggml.scores or token_type, which a SentencePiece BPE needs")
+    unk = _token_id(metadata, tokens, "unknown")
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, score_merges(tokens, scores, types),
+                               unk_token=tokens[unk] if unk is not None else None, byte_fallback=True, fuse_unk=True))
+    prefix = value(metadata, "tokenizer.ggml.add_space_prefix", True)
+    tok.normalizer = normalizers.Sequence([*([normalizers.Prepend(SPACE)] if prefix else []), normalizers.Replace(" ", SPACE)])
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     *([decoders.Strip(" ", 1, 0)] if prefix else [])])
     return tok
 
 

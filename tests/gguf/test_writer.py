@@ -77,8 +77,8 @@ def test_the_cli_writes_a_gguf_of_the_fused_model_and_refuses_other_families(tin
     other = tmp_path / "other"
     shutil.copytree(tiny_model_path, other)
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "model_type": "gemma3_text"}))
-    with pytest.raises(GGUFError, match="architecture 'gemma3_text' cannot be exported; supported: llama, qwen2"):
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "phi3"}))
+    with pytest.raises(GGUFError, match="architecture 'phi3' cannot be exported; supported: llama, mistral, qwen2, qwen3, gemma3_text"):
         write_gguf(other, tmp_path / "o.gguf")
     with pytest.raises(GGUFError, match="GGUF type 'q5_k' is not supported; supported: f32, f16, bf16, q8_0, q4_0"):
         write_gguf(tiny_model_path, tmp_path / "o.gguf", "q5_k")
