@@ -47,8 +47,9 @@ def main() -> None:
         rows.append(("fused MLX / transformers folder", timed(fuse + ["--save-path", str(out / "fused")]), size(out / "fused")))
         for kind in ("f16", "q8_0", "q4_0"):
             target = out / f"model-{kind}.gguf"
-            seconds = timed(fuse + ["--save-path", str(out / f"fused-{kind}"), "--export-gguf", str(target), "--gguf-type", kind])
-            rows.append((f"GGUF `{kind}` (fused folder + file)", seconds, size(target)))
+            seconds = timed(fuse + ["--save-path", str(out / f"fused-{kind}"), "--export-gguf", str(target), "--gguf-type", kind,
+                                    "--ollama"])
+            rows.append((f"GGUF `{kind}` + Modelfile (fused folder + file)", seconds, size(target)))
     print(f"model: {args.model}\n\n| what | command wall time | size |\n|---|---|---|")
     for what, seconds, mb in rows:
         print(f"| {what} | {seconds:.1f} s | {mb:.1f} MB |")
