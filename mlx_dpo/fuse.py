@@ -54,6 +54,8 @@ def _fail(message: str) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    if not (Path(args.adapter_path) / "adapter_config.json").is_file():
+        _fail(f"no adapters in {args.adapter_path} (adapter_config.json is missing): train first, or pass --adapter-path")
     if args.ollama and not args.export_gguf:
         _fail("--ollama writes a Modelfile beside the GGUF: add --export-gguf PATH")
     needs = {"gguf": args.export_gguf, "peft": args.export_peft}

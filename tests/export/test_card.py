@@ -65,6 +65,7 @@ def test_a_card_is_written_and_the_folder_uploaded_with_it(tiny_model_path, tiny
     (["--upload-repo", "a/b", "--upload", "fused", "--export-peft", "p"], "--export-peft writes only the PEFT adapter"),
 ])
 def test_an_upload_of_what_was_not_written_is_refused_in_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(SystemExit):
         fuse_main(["--model", "m", "--adapter-path", str(tmp_path), *argv])
     err = capsys.readouterr().err

@@ -171,6 +171,14 @@ def test_the_cli_writes_a_modelfile_beside_the_gguf(tiny_model_path, tiny_data_p
 
 
 def test_ollama_needs_a_gguf(tiny_model_path, tmp_path, capsys):
+    (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(SystemExit):
         fuse_main(["--model", str(tiny_model_path), "--adapter-path", str(tmp_path), "--ollama"])
     assert "--ollama writes a Modelfile beside the GGUF: add --export-gguf PATH" in capsys.readouterr().err
+
+
+def test_missing_adapters_are_one_line(tiny_model_path, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        fuse_main(["--model", str(tiny_model_path), "--adapter-path", str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(adapter_config.json is missing): train first" in err
