@@ -134,7 +134,7 @@ def go_template(pieces: Pieces) -> str:
             f"{pieces.generation}")
 
 
-def stop_tokens(model_dir: Path, eos_texts: list[str], pieces: Optional[Pieces]) -> list[str]:
+def stop_tokens(eos_texts: list[str], pieces: Optional[Pieces]) -> list[str]:
     """The end-of-turn texts: every EOS token and the special token that closes an assistant turn."""
     stops = list(dict.fromkeys(eos_texts))
     if pieces is not None:
@@ -168,7 +168,7 @@ def modelfile(gguf_path: Path, render: Optional[Render], eos_texts: list[str], m
     lines = ["# ollama create NAME -f Modelfile", f"FROM ./{Path(gguf_path).name}", ""]
     if pieces is not None:
         lines += [f"TEMPLATE {template}", ""]
-    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stop_tokens(model_dir, eos_texts, pieces)]
+    lines += [f"PARAMETER stop {json.dumps(s)}" for s in stop_tokens(eos_texts, pieces)]
     lines += [f"PARAMETER {k} {v}" for k, v in sampling_defaults(model_dir).items()]
     return "\n".join(lines) + "\n", why
 

@@ -60,16 +60,16 @@ SPACE = "\u2581"  # SentencePiece's ▁
 def build_tokenizer(metadata: dict) -> Tokenizer:
     """The GGUF's tokenizer (byte-level or SentencePiece BPE) as a ``tokenizers.Tokenizer``."""
     kind, pre = value(metadata, "tokenizer.ggml.model"), value(metadata, "tokenizer.ggml.pre")
+    tokens, control, user_defined = _vocabulary(metadata)
     if kind == "llama":
-        tok = _sentencepiece(metadata)
+        tok = _sentencepiece(metadata, tokens)
     elif kind == "gpt2" and pre in PRE_TOKENIZERS:
-        tok = _byte_level(metadata, pre)
+        tok = _byte_level(metadata, tokens, pre)
     else:
         raise GGUFError(
             f"tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported; supported: SentencePiece BPE ('llama') "
             f"and byte-level BPE ('gpt2') with pre-tokenizer {' or '.join(repr(p) for p in PRE_TOKENIZERS)}"
         )
-    tokens, control, user_defined = _vocabulary(metadata)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     tok.add_tokens([AddedToken(t, normalized=False) for t in user_defined])
     # The BOS/EOS that llama.cpp adds around every text, where the file asks for them.
@@ -87,8 +87,7 @@ def build_tokenizer(metadata: dict) -> Tokenizer:
     return tok
 
 
-def _byte_level(metadata: dict, pre: str) -> Tokenizer:
-    tokens, _, _ = _vocabulary(metadata)
+def _byte_level(metadata: dict, tokens: list[str], pre: str) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in value(metadata, "tokenizer.ggml.merges", [])]
     if not merges:
         raise GGUFError("the file has no tokenizer.ggml.merges, which a byte-level BPE needs")
@@ -110,8 +109,7 @@ def score_merges(tokens: list[str], scores: list[float], types: list[int]) -> li
     return merges
 
 
-def _sentencepiece(metadata: dict) -> Tokenizer:
-    tokens, _, _ = _vocabulary(metadata)
+def _sentencepiece(metadata: dict, tokens: list[str]) -> Tokenizer:
     scores, types = value(metadata, "tokenizer.ggml.scores"), value(metadata, "tokenizer.ggml.token_type")
     if not scores or not types:
         raise GGUFError("the file has no tokenizer.ggml.scores or token_type, which a SentencePiece BPE needs")

@@ -100,16 +100,17 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, vocab_rows: int, con
     tokens = {i: t for t, i in model["vocab"].items()}
     types = {i: BYTE if pieces and len(t) == 6 and t.startswith("<0x") and t.endswith(">") else NORMAL
              for i, t in tokens.items()}
-    if pieces and model.get("unk_token") in model["vocab"]:
-        types[model["vocab"][model["unk_token"]]] = UNKNOWN
+    unk = model["vocab"].get(model.get("unk_token")) if pieces else None
+    if unk is not None:
+        types[unk] = UNKNOWN
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     names = [tokens.get(i, f"[PAD{i}]") for i in range(vocab_rows)]
     (_sentencepiece if pieces else _byte_level)(writer, spec, names, model["merges"])
     writer.add_token_types([types.get(i, 5) for i in range(vocab_rows)])  # 5: unused rows past the vocabulary
-    if pieces and model.get("unk_token") in model["vocab"]:
-        writer.add_unk_token_id(model["vocab"][model["unk_token"]])
+    if unk is not None:
+        writer.add_unk_token_id(unk)
     _special_ids(writer, spec, config)
     template = model_dir / "chat_template.jinja"
     tokenizer_config = model_dir / "tokenizer_config.json"
