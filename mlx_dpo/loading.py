@@ -124,7 +124,11 @@ def prepare_adapters(args: types.SimpleNamespace, model: nn.Module) -> None:
             layer.unfreeze()
         args.lora_parameters = None
     else:
-        linear_to_lora_layers(model, args.num_layers, args.lora_parameters, use_dora=args.fine_tune_type == "dora")
+        try:
+            linear_to_lora_layers(model, args.num_layers, args.lora_parameters, use_dora=args.fine_tune_type == "dora")
+        except ValueError as e:  # mlx-lm has no DoRA form for expert (SwitchLinear) layers
+            kind = getattr(model, "model_type", "this model")
+            raise ConfigError(f"fine_tune_type {args.fine_tune_type} cannot adapt {kind}: {e} (use fine_tune_type: lora)") from None
     print_trainable_parameters(model)
 
 

@@ -47,7 +47,7 @@ from .online.iterative import RoundArgs, RoundData
 from .online.online_dpo import OnlineDPOArgs, make_pair_rollout_source
 from .online.policy_losses import ONLINE_LOSSES
 from .online.rewards import RewardError, load_reward_funcs
-from .online.rollout import SamplingParams
+from .online.rollout import SamplingParams, rollout_problem
 from .train.rounds import train_rounds
 from .train.trainer import TrainingArgs, train
 
@@ -316,6 +316,8 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
     model, how, sets = loaded.model, loaded.how, loaded.sets
     pad_id = loaded.tokenizer.eos_token_id if loaded.tokenizer.eos_token_id is not None else 0
     share = prefix_sharing(method, args, loaded, say)
+    if method.samples and (problem := rollout_problem(model)) is not None:
+        raise ConfigError(f"{method.name} samples from the policy, but {problem}")
     batches = partial(iterate_batches, pad_id=pad_id, pad_multiple=args.pad_to_multiple, share_prefix=share)
     if any(ds is not None and "confidence" in getattr(ds, "fields", {}) for ds in sets.values()):
         if not confidence_supported(loss_list(args.loss_type)):

@@ -105,3 +105,92 @@ def make_family(path: Path, family: str, tokenizer_dir: Path, seed: int = 0) -> 
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, path / name)
     return path
+
+
+# The architecture matrix: tiny random instances of the families people fine-tune, each with its
+# structural features (MoE routing, sliding windows, soft-capping, logit scaling, tied heads,
+# recurrent layers, QK norms, attention sinks, latent attention), in mlx-lm 0.32's own classes.
+ARCH_BASE = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 512, "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+             "max_position_embeddings": 256, "tie_word_embeddings": False}
+ARCHITECTURES = {
+    "llama": {},
+    "ministral3": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "llama_4_scaling_beta": 0.1,
+                                       "original_max_position_embeddings": 256}, "tie_word_embeddings": True},
+    "qwen2": {},
+    "qwen3": {},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": True},
+    "qwen3_next": {"linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                   "linear_value_head_dim": 16, "linear_conv_kernel_dim": 4, "num_experts": 4, "num_experts_per_tok": 2,
+                   "decoder_sparse_step": 1, "shared_expert_intermediate_size": 32, "mlp_only_layers": [],
+                   "moe_intermediate_size": 32, "partial_rotary_factor": 0.5, "full_attention_interval": 2},
+    "gemma2": {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16},
+    "gemma4_text": {"sliding_window": 4, "sliding_window_pattern": 2, "global_head_dim": 32, "num_kv_shared_layers": 0,
+                    "hidden_size_per_layer_input": 8, "vocab_size_per_layer_input": 512,
+                    "layer_types": ["sliding_attention", "full_attention"], "final_logit_softcapping": 30.0,
+                    "tie_word_embeddings": True},
+    "phi3": {},
+    "olmo2": {},
+    "olmo3": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "granite": {"logits_scaling": 4.0, "attention_multiplier": 0.25, "embedding_multiplier": 12.0,
+                "residual_multiplier": 0.22, "attention_bias": False, "mlp_bias": False},
+    "smollm3": {},
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"]},
+    "lfm2": {"norm_eps": 1e-5, "conv_bias": False, "conv_L_cache": 3, "block_dim": 64, "block_multiple_of": 16,
+             "block_ffn_dim_multiplier": 1.0, "block_auto_adjust_ff_dim": False, "block_ff_dim": 96,
+             "full_attn_idxs": [1], "tie_word_embeddings": True},
+    "nemotron_h": {"attention_bias": False, "mamba_num_heads": 4, "mamba_head_dim": 16, "mamba_proj_bias": False,
+                   "ssm_state_size": 16, "conv_kernel": 4, "n_groups": 1, "mlp_bias": False, "layer_norm_epsilon": 1e-5,
+                   "use_bias": False, "use_conv_bias": True, "hybrid_override_pattern": ["M", "*", "-"],
+                   "num_hidden_layers": 3},
+    "deepseek_v3": {"moe_intermediate_size": 32, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+                    "kv_lora_rank": 16, "q_lora_rank": 24, "qk_rope_head_dim": 8, "v_head_dim": 16, "qk_nope_head_dim": 16,
+                    "first_k_dense_replace": 1, "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1},
+}
+
+
+def architecture_config(family: str) -> dict:
+    return {"model_type": family, **ARCH_BASE, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **ARCHITECTURES[family]}
+
+
+def tiny_architecture(family: str, seed: int = 0):
+    """A float32 random instance of ``family`` (mlx-lm's class), every parameter nudged off its init."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import _get_classes
+
+    config = architecture_config(family)
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    params = [(k, v + 0.05 * mx.random.normal(v.shape)) if mx.issubdtype(v.dtype, mx.floating) else (k, v)
+              for k, v in tree_flatten(model.parameters())]
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+    return model
+
+
+def save_architecture(family: str, path: Path, tokenizer_dir: Path, quantize: bool = False) -> Path:
+    """``tiny_architecture(family)`` as a model folder ``mlx_lm.load`` reads (4-bit where ``quantize``)."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model, config = tiny_architecture(family), architecture_config(family)
+    if quantize:
+        nn.quantize(model, group_size=32, bits=4,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % 32 == 0)
+        config["quantization"] = {"group_size": 32, "bits": 4}
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -89,6 +90,10 @@ def sharing_problem(model: nn.Module) -> Optional[str]:
     """
     if not hasattr(model, "layers"):
         return "the model does not expose its layers"
+    recurrent = _recurrent_caches(model)
+    if recurrent:
+        return (f"its recurrent layers ({', '.join(recurrent)}) carry one state per sequence, "
+                "which cannot be branched from a shared prompt")
     vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 256
     rng = np.random.default_rng(0)
     examples = []
@@ -109,8 +114,16 @@ def sharing_problem(model: nn.Module) -> Optional[str]:
             b, grad_b = run(lambda m: shared_logps(m, shared)[0])
             mx.eval(a, b, grad_a, grad_b)
     except Exception as e:  # noqa: BLE001 - any failure means: not supported
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip(": ")
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"its attention layers do not take a shared prompt's cache ({type(e).__name__}: {first})".replace(": )", ")")
     return _disagreement(model, (a, grad_a), (b, grad_b))
+
+
+def _recurrent_caches(model: nn.Module) -> list[str]:
+    """The kinds of per-layer cache in ``model.make_cache()`` that are not key/value caches."""
+    make = getattr(model, "make_cache", None)
+    caches = make() if callable(make) else []
+    return sorted({type(c).__name__ for c in caches if not isinstance(c, (KVCache, RotatingKVCache))})
 
 
 def _disagreement(model: nn.Module, plain: tuple, shared: tuple) -> Optional[str]:

@@ -8,10 +8,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-# Architectures whose logits are exactly ``lm_head(model.model(x))`` (or the
-# tied embedding), with nothing after the head: only these may be split into
-# body + head for sequence-chunked log-probs. Others fall back to full logits.
-SPLITTABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+# Families (mlx-lm 0.32) whose logits are the head (``lm_head``, or the tied embedding) applied to
+# the body's last hidden states, and what their forward does after the head: nothing, Gemma's
+# soft-capping (``tanh(z / c) * c``) or Granite's division by ``logits_scaling``. Only these are
+# split into body + head for chunked or packed log-probs (each checked in tests/compute/
+# test_architectures.py); any other family computes full logits.
+HEAD_OUTPUT = {
+    **dict.fromkeys(("llama", "mistral", "ministral3", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "phi3", "olmo2",
+                     "olmo3", "smollm3", "gemma3_text", "gpt_oss", "lfm2", "nemotron_h", "deepseek_v2", "deepseek_v3")),
+    "gemma2": "softcap", "gemma4_text": "softcap", "granite": "scale", "granitemoehybrid": "scale",
+}
+BODY = {"nemotron_h": "backbone"}  # the body's attribute where it is not ``model``
 
 
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
@@ -31,14 +38,18 @@ def split_head(model: nn.Module) -> Optional[tuple[Callable, nn.Module]]:
 
     ``head`` is a module whose ``__call__`` maps hidden states to logits.
     """
-    if getattr(model, "model_type", None) not in SPLITTABLE or "model" not in model:
+    kind = getattr(model, "model_type", None)
+    body = BODY.get(kind, "model")
+    if kind not in HEAD_OUTPUT or body not in model:
         return None
-    args = getattr(model, "args", None)
-    if getattr(args, "tie_word_embeddings", False):
-        return model.model, _TiedHead(model.model.embed_tokens)
-    if "lm_head" in model:
-        return model.model, model.lm_head
-    return None
+    # mlx-lm builds ``lm_head`` only where the head is not tied to the embedding.
+    base = model.lm_head if "lm_head" in model else _TiedHead(model[body].embed_tokens)
+    output = HEAD_OUTPUT[kind]
+    if output == "softcap" and getattr(model, "final_logit_softcapping", None):
+        return model[body], _Head(base, softcap=float(model.final_logit_softcapping))
+    if output == "scale":
+        return model[body], _Head(base, scale=float(model.logits_scaling))
+    return model[body], base
 
 
 class _TiedHead(nn.Module):
@@ -48,6 +59,21 @@ class _TiedHead(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.embedding.as_linear(x)
+
+
+class _Head(nn.Module):
+    """A head followed by what the family's forward applies to the logits."""
+
+    def __init__(self, base: nn.Module, softcap: float = 0.0, scale: float = 1.0):
+        super().__init__()
+        self.base = base
+        self._softcap, self._scale = softcap, scale
+
+    def __call__(self, x: mx.array) -> mx.array:
+        z = self.base(x)
+        if self._softcap:
+            z = mx.tanh(z / self._softcap) * self._softcap
+        return z / self._scale if self._scale != 1.0 else z
 
 
 def chunked_token_logps(hidden: mx.array, targets: mx.array, head: nn.Module, chunk_size: int) -> mx.array:

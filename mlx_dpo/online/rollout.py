@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -234,3 +234,24 @@ def sample_groups(
                     result[i * G + g] = Completion(i, ids, finished)
             del cache
     return result  # type: ignore[return-value]
+
+
+def rollout_problem(model: nn.Module) -> Optional[str]:
+    """Why this model cannot sample batches of prompts (None if it can), found by sampling three
+    prompts of different lengths greedily for two steps and decoding each alone without a cache:
+    the padded batch cache is mlx-lm's, and an attention layer that cannot take its per-row mask
+    fails, or samples other tokens, here rather than mid-run."""
+    prompts, kind = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]], getattr(model, "model_type", "this model")
+    try:
+        with eval_mode(model):
+            batched = sample_groups(model, prompts, 1, SamplingParams(temperature=0.0, max_tokens=2), eos_ids=[])
+            for c in batched:
+                seq = list(prompts[c.prompt_index])
+                for _ in range(2):
+                    seq.append(int(model(mx.array([seq]))[0, -1].argmax()))
+                if seq[-2:] != c.token_ids:
+                    return f"{kind}'s greedy tokens from mlx-lm's batch cache differ from decoding one prompt without a cache"
+    except Exception as e:  # noqa: BLE001 - any failure means: not supported
+        first = str(e).splitlines()[0] if str(e) else ""
+        return f"{kind} cannot sample a padded batch of prompts with mlx-lm's batch cache ({type(e).__name__}: {first})"
+    return None

@@ -325,7 +325,7 @@ def test_the_check_catches_a_stopped_gradient_a_crash_a_bad_reference_and_grad_c
         raise TypeError("unsupported cache\nsecond line")
 
     monkeypatch.setattr(PrefixCache, "update_and_fetch", broken)
-    assert sharing_problem(model) == "TypeError: unsupported cache"
+    assert sharing_problem(model) == "its attention layers do not take a shared prompt's cache (TypeError: unsupported cache)"
 
 
 def test_chunked_projection_temperature_and_entropy_match(tiny_model_path, data_dir):
