@@ -188,3 +188,42 @@ def test_lora_dora_and_qlora_train_a_step_then_fuse_and_generate(saved, tiny_dat
     for _ in range(4):  # which is its greedy decoding without a cache
         seq.append(int(fused(mx.array([seq]))[0, -1].argmax()))
     assert [s.token for s in steps] == seq[-4:], family
+
+
+def support_table() -> str:
+    """LORA.md's support table, computed from the checks the tests above make (not written by hand)."""
+    from mlx_dpo.gguf.families import BY_ARCH, FAMILIES as GGUF_FAMILIES
+
+    moe_dora = "SwitchLinear"
+    rows = ["| family | LoRA / QLoRA | DoRA | split / packed head | prompt sharing | CPU streams | GRPO rollout | GGUF in / out |",
+            "|---|---|---|---|---|---|---|---|"]
+    yes, no = "yes", "no"
+    for family in FAMILIES:
+        model = tiny_architecture(family)
+        model.freeze()
+        try:
+            linear_to_lora_layers(model, len(model.layers), {"rank": 4, "scale": 1.0, "dropout": 0.0}, use_dora=True)
+            dora = yes
+        except ValueError as e:
+            dora = "no (expert layers)" if moe_dora in str(e) else no
+        sharing = sharing_problem(tiny_architecture(family))
+        sharing = yes if sharing is None else "no (recurrent layers)" if "recurrent" in sharing else "no (attention mask)"
+        gguf_in = any(f.model_type == family for f in BY_ARCH.values())
+        gguf = f"{yes if gguf_in else no} / {yes if family in GGUF_FAMILIES else no}"
+        rows.append(f"| {family} | {yes} | {dora} | {yes if split_head(model) is not None else no} | {sharing} | {yes} | "
+                    f"{yes if rollout_problem(tiny_architecture(family)) is None else no} | {gguf} |")
+    return "\n".join(rows)
+
+
+def test_the_support_table_in_lora_md_is_what_the_checks_find():
+    from tests.support import ROOT
+
+    text = (ROOT / "LORA.md").read_text()
+    begin, end = "<!-- support table: tests/compute/test_architectures.py -->\n", "\n<!-- end of support table -->"
+    assert begin in text and end in text
+    table = text[text.index(begin) + len(begin):text.index(end)]
+    assert table == support_table(), "regenerate with: python -m tests.compute.test_architectures"
+
+
+if __name__ == "__main__":
+    print(support_table())
