@@ -24,6 +24,7 @@ from . import methods
 from .data import DATA_FORMATS, DATA_OPTION_KEYS
 from .errors import ConfigError
 from .methods import LOSS_TYPES, RL_ALIASES
+from .online.advantages import ADVANTAGE_ESTIMATORS
 from .online.iterative import PAIR_SELECTIONS, REFERENCE_UPDATES
 from .online.policy_losses import IMPORTANCE_LEVELS, SCALE_REWARDS
 
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "cpo_alpha": 1.0,
     "desirable_weight": 1.0,
     "undesirable_weight": 1.0,
+    "center_rewards_coefficient": None,  # loss_type reward (TRL's RewardConfig; its recommended value is 0.01)
     # Your own penalty terms (objectives/terms.py) and Chain of Hindsight's phrases.
     "loss_terms": None,
     "coh_positive": "A helpful answer: ",
@@ -72,9 +74,14 @@ DEFAULTS: dict[str, Any] = {
     "rl": None,
     "reward_funcs": None,
     "reward_weights": None,
+    "reward_model": None,
+    "judge": None,
     "num_generations": 8,
     "num_iterations": 1,
     "scale_rewards": "group",
+    "advantage_estimator": "group",
+    "normalize_advantages": False,
+    "kl_in_reward": False,
     "epsilon": 0.2,
     "epsilon_high": None,
     "importance_sampling_level": "token",
@@ -161,6 +168,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cpo_alpha": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "desirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "undesirable_weight": (lambda v: _is_num(v) and v > 0, "a number > 0"),
+    "center_rewards_coefficient": (_opt(lambda v: _is_num(v) and v >= 0), "a number >= 0 (loss_type reward: pulls rewards toward 0)"),
     "loss_terms": (_opt(lambda v: isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("fn"), str) and t["fn"] for t in v)),
                    "a list of {fn: module.function, weight: number, ...keyword arguments}"),
     "coh_positive": (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty phrase"),
@@ -178,10 +186,17 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rl": (_opt(lambda v: v in RL_ALIASES), "one of " + ", ".join(RL_ALIASES) + " (axolotl's name for the method)"),
     "reward_funcs": (_opt(lambda v: isinstance(v, list) and v and all(isinstance(f, str) and f for f in v)),
                      'a list of "module.function" names (a module file beside the config, or importable) or built-ins'),
-    "reward_weights": (_opt(lambda v: isinstance(v, list) and all(_is_num(w) for w in v)), "a list of numbers, one per reward function"),
+    "reward_weights": (_opt(lambda v: isinstance(v, list) and all(_is_num(w) for w in v)),
+                       "a list of numbers, one per reward function, then one per reward model"),
+    "judge": (_opt(lambda v: isinstance(v, dict)), "a mapping: url or model, mode (pointwise | pairwise), template, timeout, retries, concurrency"),
+    "reward_model": (_opt(lambda v: (isinstance(v, str) and v) or (isinstance(v, list) and v and all(isinstance(f, str) and f for f in v))),
+                     "a reward model's folder (trained with loss_type: reward), or a list of them"),
     "num_generations": (lambda v: _is_int(v) and v >= 2, "an integer >= 2 (completions per prompt)"),
     "num_iterations": (lambda v: _is_int(v) and v >= 1, "a positive integer (optimizer steps per generation batch)"),
     "scale_rewards": (lambda v: v in SCALE_REWARDS, "one of " + ", ".join(SCALE_REWARDS)),
+    "advantage_estimator": (lambda v: v in ADVANTAGE_ESTIMATORS, "one of " + ", ".join(ADVANTAGE_ESTIMATORS) + " (GRPO's group baseline, RLOO, REINFORCE++)"),
+    "normalize_advantages": (lambda v: isinstance(v, bool), "true or false (advantage_estimator rloo: whiten over the batch)"),
+    "kl_in_reward": (lambda v: isinstance(v, bool), "true or false (beta x the summed log-ratio to the reference comes off the reward)"),
     "epsilon": (lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)"),
     "epsilon_high": (_opt(lambda v: _is_num(v) and v > 0), "a number > 0 (default: epsilon)"),
     "importance_sampling_level": (lambda v: v in IMPORTANCE_LEVELS, "one of " + ", ".join(IMPORTANCE_LEVELS)),

@@ -15,7 +15,8 @@ A sweep file::
     output: frontier/demo
     base: examples/quickstart.yaml        # the config every run starts from
     eval: {data: examples/demo/prompts, split: test, reward_funcs: ["demo.rewards.positive"],
-           samples: 64, max_tokens: 48, temperature: 1.0, every: 25}
+           samples: 64, max_tokens: 48, temperature: 1.0, every: 25,
+           proxy_reward_model: null}          # a reward model's folder: its score too (proxy vs gold)
     runs:
       - {name: dpo-b0.1, method: offline DPO, beta: 0.1}
       - {name: online, method: online DPO, config: examples/online_dpo.yaml}
@@ -44,12 +45,14 @@ from .data import DataError, load_prompt_splits
 from .objectives.terms import LossTermError
 from .online.advantages import combine_rewards
 from .online.generations import RolloutError, score_rollouts
+from .online.reward_model import load_reward_model
 from .online.rewards import RewardError, load_reward_funcs
 from .online.rollout import SamplingParams, eos_ids_of, sample_groups
 from .train.checkpoint import STATE, load_training_state
 from .train.trainer import NonFiniteError, TrainingInterrupted
 
-EVAL_DEFAULTS = {"split": "test", "samples": 64, "max_tokens": 48, "temperature": 1.0, "every": 25, "reward_weights": None}
+EVAL_DEFAULTS = {"split": "test", "samples": 64, "max_tokens": 48, "temperature": 1.0, "every": 25, "reward_weights": None,
+                 "proxy_reward_model": None}
 RESULTS, TABLE, PICTURE = "frontier.jsonl", "frontier.md", "frontier.png"
 
 
@@ -63,10 +66,11 @@ def sequence_logps_of(model, prompts: list[list[int]], completions: list[list[in
 
 
 def evaluate_policy(model, reference, tokenizer, prompts: Sequence, reward_funcs: list, samples: int,
-                    sampling: SamplingParams, *, seed: int = 0, reward_weights=None) -> dict:
+                    sampling: SamplingParams, *, seed: int = 0, reward_weights=None, proxy=None) -> dict:
     """Mean reward, mean sequence KL(π || π_ref) and mean length of ``samples`` completions, one per
     prompt (prompts taken in order, cycling), sampled from ``model``. The KL is the sample mean of
-    ``log π(y|x) - log π_ref(y|x)`` over each completion's real tokens: an unbiased estimate."""
+    ``log π(y|x) - log π_ref(y|x)`` over each completion's real tokens: an unbiased estimate.
+    ``proxy`` (a reward function, e.g. a reward model) adds its mean score of the same samples."""
     chosen = [prompts[i % len(prompts)] for i in range(samples)]
     eos = eos_ids_of(tokenizer)
     mx.random.seed(seed)
@@ -74,7 +78,10 @@ def evaluate_policy(model, reference, tokenizer, prompts: Sequence, reward_funcs
     rewards = combine_rewards(score_rollouts(tokenizer, reward_funcs, chosen, comps, eos), reward_weights)
     ids = [list(c.token_ids) for c in comps]
     kl = sequence_logps_of(model, [p.ids for p in chosen], ids) - sequence_logps_of(reference, [p.ids for p in chosen], ids)
-    return {"reward": float(np.nanmean(rewards)), "kl": float(kl.mean()), "length": float(np.mean([len(c) for c in ids]))}
+    point = {"reward": float(np.nanmean(rewards)), "kl": float(kl.mean()), "length": float(np.mean([len(c) for c in ids]))}
+    if proxy is not None:
+        point["proxy"] = float(np.nanmean(score_rollouts(tokenizer, [("proxy", proxy)], chosen, comps, eos)))
+    return point
 
 
 def upper_envelope(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -112,9 +119,12 @@ def _append(results: list[dict], path: Path, row: dict) -> None:
 
 
 def write_table(rows: list[dict], path: Path) -> None:
-    lines = ["| run | method | step | mean reward | sequence KL (nats) | mean length |", "|---|---|---|---|---|---|"]
+    proxy = any("proxy" in r for r in rows)
+    head = "| run | method | step | mean reward |" + (" mean proxy reward |" if proxy else "") + " sequence KL (nats) | mean length |"
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["run"], r["step"])):
-        lines.append(f"| {r['run']} | {r['method']} | {r['step']} | {r['reward']:.3f} | {r['kl']:.3f} | {r['length']:.1f} |")
+        extra = f" {r['proxy']:.3f} |" if proxy and "proxy" in r else " |" if proxy else ""
+        lines.append(f"| {r['run']} | {r['method']} | {r['step']} | {r['reward']:.3f} |{extra} {r['kl']:.3f} | {r['length']:.1f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -127,20 +137,22 @@ def draw(rows: list[dict], path: Path, title: str = "Reward against KL from the 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    panels = [("reward", "mean reward of samples")] + ([("proxy", "mean proxy (reward model) score")] if any("proxy" in r for r in rows) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), dpi=120, squeeze=False)
     methods = sorted({r["method"] for r in rows})
-    for i, method in enumerate(methods):
-        pts = [(r["kl"], r["reward"]) for r in rows if r["method"] == method]
-        colour = f"C{i}"
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, alpha=0.6, color=colour)
-        env = upper_envelope(pts)
-        ax.plot([p[0] for p in env], [p[1] for p in env], color=colour, label=method, linewidth=1.8)
-    ax.set_xscale("symlog", linthresh=0.1)  # a drifting run's KL spans orders of magnitude (and an estimate can dip below 0)
-    ax.set_xlabel("sequence KL(π || π_ref), nats (sampled; linear below 0.1, log above)")
-    ax.set_ylabel("mean reward of samples")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, (key, label) in zip(axes[0], panels):
+        for i, method in enumerate(methods):
+            pts = [(r["kl"], r[key]) for r in rows if r["method"] == method and key in r]
+            colour = f"C{i}"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18, alpha=0.6, color=colour)
+            env = upper_envelope(pts)
+            ax.plot([p[0] for p in env], [p[1] for p in env], color=colour, label=method, linewidth=1.8)
+        ax.set_xscale("symlog", linthresh=0.1)  # a drifting run's KL spans orders of magnitude (and an estimate can dip below 0)
+        ax.set_xlabel("sequence KL(π || π_ref), nats (sampled; linear below 0.1, log above)")
+        ax.set_ylabel(label)
+        ax.set_title(title if key == "reward" else "The learned reward the runs optimised")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -197,8 +209,8 @@ class Points:
     """The evaluated points, in memory and in ``frontier.jsonl``; each base model, its prompts and
     its step-0 point computed once per sweep."""
 
-    def __init__(self, output: Path, ev: dict, funcs: list):
-        self.output, self.ev, self.funcs = output, ev, funcs
+    def __init__(self, output: Path, ev: dict, funcs: list, proxy=None):
+        self.output, self.ev, self.funcs, self.proxy = output, ev, funcs, proxy
         self.path = output / RESULTS
         self.rows = read_results(self.path)
         self.done = {(r["run"], r["step"]) for r in self.rows}
@@ -231,7 +243,7 @@ class Points:
             model = base_model if step == 0 else self.checkpoint_model(args, out, step)
             try:
                 point = evaluate_policy(model, base_model, tokenizer, prompts, self.funcs, self.ev["samples"], self.sampling,
-                                        seed=args.seed, reward_weights=self.ev["reward_weights"])
+                                        seed=args.seed, reward_weights=self.ev["reward_weights"], proxy=self.proxy)
             except RolloutError as e:
                 raise RolloutError(f"evaluating {r['name']} at step {step}: {e}") from None
             if step == 0:
@@ -255,9 +267,10 @@ def sweep(sweep_file: Path, train: Optional[Callable] = None) -> list[dict]:
     output.mkdir(parents=True, exist_ok=True)
     try:
         funcs = load_reward_funcs(ev["reward_funcs"], [sweep_file.resolve().parent])
+        proxy = load_reward_model(ev["proxy_reward_model"]) if ev["proxy_reward_model"] else None
     except RewardError as e:
         raise ConfigError(str(e)) from None
-    points = Points(output, ev, funcs)
+    points = Points(output, ev, funcs, proxy)
     for r in runs:
         out = output / r["name"]
         args = train_run(sweep_file, spec, r, out, ev["every"], train or lora.run)

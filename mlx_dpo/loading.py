@@ -24,6 +24,7 @@ from ._platform.progress import rank0_print
 from .export.peft import AdapterFormatError, from_peft
 from .compute.batching import padding_fraction
 from .compute.reference import has_adapters
+from .compute.scores import HEAD, ScoreHeadError, add_score_head, load_head
 from .data import (
     DATA_OPTION_KEYS,
     DataError,
@@ -103,18 +104,23 @@ def read_splits(args: types.SimpleNamespace, method: Method, tokenizer, splits: 
     return load_datasets(
         args.data, tokenizer, method.data, args.max_seq_length, mask_prompt=args.mask_prompt, splits=splits,
         data_format=args.data_format, options=options, hub_splits=hub_splits,
-        columns=bool(args.loss_terms), coh_phrases=(args.coh_positive, args.coh_negative), **features,
+        columns=bool(args.loss_terms) or method.scores, coh_phrases=(args.coh_positive, args.coh_negative), **features,
     )
 
 
-def prepare_adapters(args: types.SimpleNamespace, model: nn.Module) -> None:
+def prepare_adapters(args: types.SimpleNamespace, model: nn.Module, scores: bool = False) -> None:
     """Training: freeze the model, then add LoRA/DoRA layers or unfreeze the last layers (as
-    mlx-lm). Testing alone: load the adapters to test (none with ``adapter_path: ""``)."""
+    mlx-lm). Testing alone: load the adapters to test (none with ``adapter_path: ""``). With
+    ``scores`` (a reward model) the model also gets its trainable score head, or the tested one."""
     if not args.train:
         if args.adapter_path and not (Path(args.adapter_path) / ADAPTERS).is_file():
             raise ConfigError(f"no adapters to test in '{args.adapter_path}' (set 'adapter_path', or \"\" to test the base model)")
         if args.adapter_path:
             load_adapters(model, args.adapter_path)
+        if scores:
+            _score_head(model, args.seed)
+            if not args.adapter_path or not load_head(model, Path(args.adapter_path) / ADAPTERS):
+                raise ConfigError(f"'{args.adapter_path}' holds no reward model's score head ({HEAD}): train one with loss_type: reward")
         return
     model.freeze()
     if args.num_layers > len(model.layers):
@@ -129,7 +135,16 @@ def prepare_adapters(args: types.SimpleNamespace, model: nn.Module) -> None:
         except ValueError as e:  # mlx-lm has no DoRA form for expert (SwitchLinear) layers
             kind = getattr(model, "model_type", "this model")
             raise ConfigError(f"fine_tune_type {args.fine_tune_type} cannot adapt {kind}: {e} (use fine_tune_type: lora)") from None
+    if scores:
+        _score_head(model, args.seed)
     print_trainable_parameters(model)
+
+
+def _score_head(model: nn.Module, seed: int) -> None:
+    try:
+        add_score_head(model, seed)
+    except ScoreHeadError as e:
+        raise ConfigError(f"loss_type reward: {e}") from None
 
 
 def load_reference(args: types.SimpleNamespace, method: Method, model: nn.Module) -> Optional[nn.Module]:

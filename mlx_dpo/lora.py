@@ -62,8 +62,8 @@ OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "muon": optim.Muon, "sgd
 # What an adapter was trained with and a test of it must reuse, unless set again.
 INHERITED_KEYS = (
     "loss_type", "loss_weights", "fine_tune_type", "beta", "label_smoothing", "reference_model",
-    "gamma", "tau", "cpo_alpha", "desirable_weight", "undesirable_weight",
-    "loss_terms", "coh_positive", "coh_negative", "reward_funcs", "reward_weights", "num_generations", "scale_rewards", "epsilon", "epsilon_high",
+    "gamma", "tau", "cpo_alpha", "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
+    "loss_terms", "coh_positive", "coh_negative", "reward_funcs", "reward_weights", "reward_model", "judge", "num_generations", "scale_rewards", "advantage_estimator", "normalize_advantages", "kl_in_reward", "epsilon", "epsilon_high",
     "importance_sampling_level", "max_completion_length", "temperature", "top_p", "top_k", "min_p",
     "mask_truncated_completions", "overlong_buffer", "online", "missing_eos_penalty",
     "rounds", "samples_per_prompt", "prompts_per_round", "epochs_per_round", "pair_selection", "reference_update",
@@ -87,7 +87,7 @@ def run(args: types.SimpleNamespace, training_callback: Optional[TrainingCallbac
     with cpu_plan(args, model_config.get("vocab_size", 0)) as how:
         rank0_print(f"Loading datasets from {args.hf_dataset or args.data} (method: {method.name}, loss_type: {args.loss_type})")
         sets = load_sets(args, method, tokenizer)
-        prepare_adapters(args, model)
+        prepare_adapters(args, model, method.scores)
         reference_model = load_reference(args, method, model)
         cast(reference_model, dtype)
         parts = methods.build(method, args, methods.Loaded(model, tokenizer, sets, reference_model, how, *user_code), rank0_print)

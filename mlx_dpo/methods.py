@@ -6,6 +6,7 @@
 | ``offline_dpo`` | a paired ``loss_type`` (dpo, ipo, simpo, ``[dpo, sft]``, ...) | pairs | length-grouped pairs | the paired objective |
 | ``kto`` | ``loss_type: kto`` | unpaired examples | examples and their KL rows | KTO |
 | ``coh`` | ``loss_type: coh`` | pairs, as hindsight sequences | padded sequences | next-token loss on the answers |
+| ``reward`` | ``loss_type: reward`` | pairs | length-grouped pairs | Bradley-Terry on a score head (a reward model) |
 | ``grpo`` | ``loss_type`` grpo, bnpo, dr_grpo or dapo (``rl: grpo``) | prompts | rollouts: G samples a prompt, advantages | GRPO's policy loss |
 | ``online_dpo`` | ``online: true`` with a paired loss | prompts | two samples a prompt, paired by reward | the paired objective |
 | ``iterative_dpo`` | ``rounds: N`` with a paired loss | prompts | each round's sampled pairs | the paired objective |
@@ -38,22 +39,25 @@ from .objectives.loss import (
     kto_loss_fn,
     needs_reference,
     pair_loss_fn,
+    reward_loss_fn,
     sft_loss_fn,
 )
 from .objectives.reference_cache import cached_reference, weights_fingerprint
 from .objectives.terms import LossTermError, load_loss_terms
 from .online.grpo import GRPOArgs, make_grpo_loss, make_rollout_source
 from .online.iterative import RoundArgs, RoundData
+from .online.judge import JudgeConfig, make_judge
 from .online.online_dpo import OnlineDPOArgs, make_pair_rollout_source
 from .online.policy_losses import ONLINE_LOSSES
+from .online.reward_model import load_reward_model
 from .online.rewards import RewardError, load_reward_funcs
 from .online.rollout import SamplingParams, rollout_problem
 from .train.rounds import train_rounds
 from .train.trainer import TrainingArgs, train
 
-METHODS = ("sft", "offline_dpo", "kto", "coh", "grpo", "online_dpo", "iterative_dpo")
+METHODS = ("sft", "offline_dpo", "kto", "coh", "reward", "grpo", "online_dpo", "iterative_dpo")
 LOSS_TYPES = (*OFFLINE_LOSSES, *ONLINE_LOSSES)
-DATA = {"sft": "sft", "offline_dpo": "pairs", "kto": "kto", "coh": "coh",
+DATA = {"sft": "sft", "offline_dpo": "pairs", "kto": "kto", "coh": "coh", "reward": "pairs",
         "grpo": "prompts", "online_dpo": "prompts", "iterative_dpo": "prompts"}
 # axolotl's ``rl:`` names and the loss_type each means here (GRPO: TRL's default, dapo).
 RL_ALIASES = {"dpo": "dpo", "ipo": "ipo", "kto": "kto", "orpo": "orpo", "simpo": "simpo", "grpo": "dapo"}
@@ -73,6 +77,11 @@ class Method:
         """Whether it trains on the policy's own samples, scored by rewards."""
         return self.data == "prompts"
 
+    @property
+    def scores(self) -> bool:
+        """Whether it trains a reward model: a score head on the body, no log-probs."""
+        return self.name == "reward"
+
 
 def loss_list(loss_type: Union[str, Sequence[str]]) -> list[str]:
     return [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -83,6 +92,8 @@ def method_name(loss_type: Union[str, Sequence[str]], online: bool = False, roun
     types = loss_list(loss_type)
     if any(t in ONLINE_LOSSES for t in types):
         return "grpo"
+    if types == ["reward"]:  # a reward model learns from pairs only: online or rounds are refused by ``check``
+        return "reward"
     if rounds:
         return "iterative_dpo"
     if online:
@@ -100,8 +111,8 @@ def choose(args: Any, processes: int = 1) -> Method:
     if name == "grpo":
         reference = args.beta > 0
     else:
-        reference = name not in ("sft", "coh") and needs_reference(loss_list(args.loss_type))
-    unit = "pairs" if name in ("offline_dpo", "online_dpo", "iterative_dpo") else "completions" if name == "grpo" else "examples"
+        reference = name not in ("sft", "coh", "reward") and needs_reference(loss_list(args.loss_type))
+    unit = "pairs" if name in ("offline_dpo", "reward", "online_dpo", "iterative_dpo") else "completions" if name == "grpo" else "examples"
     return Method(name, DATA[name], reference, unit)
 
 
@@ -150,20 +161,31 @@ def check(cfg: dict) -> None:
         check_loss_type(cfg.get("loss_type", "dpo"), cfg.get("loss_weights"))
     loss_type = _loss_type(cfg)
     name = method_name(loss_type, cfg.get("online"), cfg.get("rounds"))
-    funcs, weights = cfg.get("reward_funcs"), cfg.get("reward_weights")
-    if funcs is not None and weights is not None and len(weights) != len(funcs):
-        raise ConfigError(f"invalid value for 'reward_weights': {len(weights)} weights for {len(funcs)} reward functions")
+    funcs, models, weights = cfg.get("reward_funcs") or [], reward_models(cfg.get("reward_model")), cfg.get("reward_weights")
+    judges = 1 if cfg.get("judge") else 0
+    if judges:
+        try:
+            JudgeConfig.from_dict(cfg["judge"])
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid value for 'judge': {e}") from None
+    if weights is not None and (funcs or models or judges) and len(weights) != len(funcs) + len(models) + judges:
+        raise ConfigError(f"invalid value for 'reward_weights': {len(weights)} weights for {len(funcs)} reward functions, "
+                          f"{len(models)} reward models and {judges} judge")
     if name == "grpo":
         _check_grpo(cfg)
     elif cfg.get("beta") == 0:
         raise ConfigError("invalid value for 'beta': 0 (expected a number > 0)")
     if cfg.get("online") or cfg.get("rounds"):
         _check_sampled_pairs(cfg, loss_type)
-    if cfg.get("loss_terms") and DATA[method_name(loss_type)] != "pairs":
+    if cfg.get("loss_terms") and (DATA[name] != "pairs" or name == "reward"):
         raise ConfigError(f"'loss_terms' work with the paired objectives (dpo, ipo, simpo, ...), not loss_type {loss_type!r}")
 
 
 def _check_grpo(cfg: dict) -> None:
+    if cfg.get("kl_in_reward") and not cfg.get("beta"):
+        raise ConfigError("'kl_in_reward: true' takes beta x the KL to the reference off each reward: set beta > 0 (TRL's RLOO uses 0.05)")
+    if cfg.get("normalize_advantages") and cfg.get("advantage_estimator", "group") != "rloo":
+        raise ConfigError("'normalize_advantages' is RLOO's option (advantage_estimator: rloo); group and reinforce_pp normalise already")
     unit = (cfg.get("grad_accumulation_steps") or 1) * (cfg.get("num_iterations") or 1)
     for key in ("save_every", "iters"):  # the final checkpoint is at iters
         value = cfg.get(key)
@@ -182,7 +204,7 @@ def _check_sampled_pairs(cfg: dict, loss_type) -> None:
     if isinstance(accumulate, int) and isinstance(iters, int) and accumulate > 0 and iters % accumulate:
         raise ConfigError(f"invalid value for 'iters': {iters} (must be a multiple of grad_accumulation_steps="
                           f"{accumulate}, so no accumulated gradient is left unapplied)")
-    paired = DATA[method_name(loss_type)] == "pairs"
+    paired = method_name(loss_type) == "offline_dpo"
     if cfg.get("online"):
         if not paired:
             raise ConfigError(f"'online: true' turns a paired objective (dpo, ipo, hinge, ...) into its online form, not loss_type {loss_type!r}")
@@ -271,18 +293,33 @@ def find_loss_terms(args: Any) -> list:
         raise ConfigError(str(e)) from None
 
 
+def reward_models(value: Union[None, str, list]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def find_reward_funcs(method: Method, args: Any) -> list:
-    """The reward functions of a method that samples, found before anything loads."""
+    """The rewards of a method that samples, in ``reward_weights``' order: the reward functions
+    (found before anything loads, so a misspelt name fails at once), the reward models, the judge."""
     if not method.samples:
         return []
-    if not args.reward_funcs:
+    models = reward_models(args.reward_model)
+    if not args.reward_funcs and not models and not args.judge:
         what = {"online_dpo": "online: true", "iterative_dpo": "rounds"}.get(method.name, f"loss_type {args.loss_type}")
-        raise ConfigError(f"{what} learns from rewards: set 'reward_funcs' (e.g. [\"rewards.my_reward\"])")
+        raise ConfigError(f"{what} learns from rewards: set 'reward_funcs' (e.g. [\"rewards.my_reward\"]), "
+                          "'reward_model' (a folder trained with loss_type: reward) or a 'judge'")
     options = {"max_completion_length": args.max_completion_length, "overlong_buffer": args.overlong_buffer}
     try:
-        return load_reward_funcs(args.reward_funcs, user_code_dirs(args), options)
+        funcs = load_reward_funcs(args.reward_funcs, user_code_dirs(args), options) if args.reward_funcs else []
+        for path in models:
+            scorer, taken = load_reward_model(path, args.batch_size), {name for name, _ in funcs}
+            name = next(n for n in (scorer.__name__, *(f"{scorer.__name__}_{k}" for k in range(2, 99))) if n not in taken)
+            funcs.append((name, scorer))
     except RewardError as e:
         raise ConfigError(str(e)) from None
+    if args.judge:
+        judge = make_judge(args.judge)
+        funcs.append((judge.__name__ if judge.__name__ not in dict(funcs) else f"{judge.__name__}_2", judge))
+    return funcs
 
 
 def sampling_params(args: Any) -> SamplingParams:
@@ -300,7 +337,7 @@ def objective(args: Any) -> Objective:
 
 def prefix_sharing(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None]) -> bool:
     """Whether batches run each prompt once (``prefix_sharing``), with one info line when it is off."""
-    if method.data in ("sft", "coh") or args.prefix_sharing is False:
+    if method.data in ("sft", "coh") or method.scores or args.prefix_sharing is False:
         return False
     data = loaded.sets.get("train") or loaded.sets.get("test") or []
     lengths = [len(p.ids) for p in data] if method.samples else [ex[0][1] for ex in data]
@@ -325,6 +362,8 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
                               f"{args.loss_type!r} does not use it (use dpo, robust, exo_pair, sigmoid_norm, simpo or cpo)")
     if method.name == "grpo":
         return _grpo_parts(args, loaded, share)
+    if method.scores:
+        return Parts(reward_loss_fn(args.center_rewards_coefficient or 0.0), batches, sets)
     reference = make_reference(model, loaded.reference_model, how) if method.reference else None
     if reference is not None and args.precompute_reference and method.name != "iterative_dpo":  # rounds take their own
         fp, folder = weights_fingerprint(loaded.reference_model or model), Path(args.adapter_path) / "reference_cache"
@@ -363,7 +402,8 @@ def _grpo_parts(args: Any, loaded: Loaded, share: bool) -> Parts:
         reward_weights=args.reward_weights, scale_rewards=args.scale_rewards,
         mask_truncated_completions=args.mask_truncated_completions, beta=args.beta, loss_type=args.loss_type,
         epsilon=args.epsilon, epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
-        share_prefix=share,
+        advantage_estimator=args.advantage_estimator, normalize_advantages=args.normalize_advantages,
+        kl_in_reward=args.kl_in_reward, share_prefix=share,
     )
     reference = token_reference(loaded.model, loaded.reference_model, grpo.temperature, loaded.how) if args.beta > 0 else None
     batches = make_rollout_source(loaded.model, loaded.tokenizer, loaded.reward_funcs, grpo, reference, loaded.how)

@@ -3,7 +3,10 @@ short CLI run most training tests start from, and an offline objective's loss by
 
 from pathlib import Path
 
+import mlx.core as mx
 from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load
 
 from mlx_dpo.compute.forward import PLAIN
 from mlx_dpo.methods import loss_list, method_name
@@ -47,6 +50,21 @@ def cli_args(tiny_model_path, tiny_data_path, adapter_path, *extra):
         "--train", "--iters", "30", "--batch-size", "4", "--learning-rate", "3e-3", "--steps-per-report", "10",
         "--steps-per-eval", "100", "--val-batches", "2", "--num-layers", "-1", "--max-seq-length", "128", *extra,
     ]
+
+
+def adapted_model(path, kind: str = "lora", seed: int = 0):
+    """The tiny Llama (or any model folder) with random non-zero LoRA/DoRA updates, so that the
+    policy differs from its base, or fully trainable (``kind="full"``)."""
+    mx.random.seed(seed)
+    model, _ = load(str(path))
+    if kind == "full":
+        return model
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0}, use_dora=kind == "dora")
+    for _, m in model.named_modules():
+        if "lora_b" in m:
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
+    return model
 
 
 def make_loss(loss_type, reference=None, *, how=PLAIN, loss_weights=None, beta=0.1, label_smoothing=0.0,

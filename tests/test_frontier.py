@@ -13,7 +13,8 @@ from mlx_lm.utils import load
 
 from mlx_dpo import methods
 from mlx_dpo.compute.reference import adapters_disabled
-from mlx_dpo.config import ConfigError
+from mlx_dpo import lora
+from mlx_dpo.config import ConfigError, load_config
 from mlx_dpo.data import load_prompt_splits
 from mlx_dpo.frontier import (
     evaluate_policy,
@@ -23,6 +24,7 @@ from mlx_dpo.frontier import (
     sweep,
     upper_envelope,
 )
+from mlx_dpo.online.reward_model import load_reward_model
 from mlx_dpo.online.rollout import SamplingParams, sample_groups
 from mlx_dpo.toy import preference_records, write_jsonl
 from tests.support import ROOT
@@ -275,3 +277,31 @@ def test_the_shipped_sweeps_validate_and_each_run_trains_the_method_it_names(swe
     for r in runs:
         args = run_config(path, spec.get("base"), r, tmp_path / r["name"], ev["every"], resume=False)
         assert methods.choose(args).name == named[r["method"]], r["name"]
+
+
+def test_a_proxy_reward_model_is_scored_on_the_same_samples(tiny_model_path, tiny_data_path, sweep_data, tmp_path, monkeypatch):
+    """eval.proxy_reward_model: each point also holds the reward model's mean score of the very
+    samples the gold reward scored; the table and the picture get the proxy."""
+    rm = tmp_path / "rm"
+    lora.run(load_config(["--model", str(tiny_model_path), "--data", str(tiny_data_path), "--adapter-path", str(rm),
+                          "--train", "--loss-type", "reward", "--iters", "4", "--batch-size", "4", "--num-layers", "-1"]))
+    monkeypatch.chdir(sweep_data)
+    path, out = write_sweep(sweep_data, tiny_model_path, tmp_path / "proxy"), tmp_path / "proxy"
+    spec = json.loads(path.read_text())
+    spec["eval"]["proxy_reward_model"] = str(rm)
+    spec["runs"] = spec["runs"][:1]
+    path.write_text(json.dumps(spec))
+    seen = []
+
+    def gold(completions, **kw):  # records what the gold reward saw
+        seen.append(list(completions))
+        return [0.0] * len(completions)
+
+    monkeypatch.setattr("mlx_dpo.frontier.load_reward_funcs", lambda names, dirs: [("gold", gold)])
+    rows = sweep(path)
+    scorer = load_reward_model(str(rm))
+    prompts = [p.prompt for p in load_prompt_splits(str(sweep_data / "prompts"), scorer.tokenizer, 512, splits=("test",))["test"]]
+    for row, completions in zip(sorted(rows, key=lambda r: r["step"]), seen):
+        want = np.mean(scorer(prompts=[prompts[i % len(prompts)] for i in range(len(completions))], completions=completions))
+        assert row["proxy"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    assert "mean proxy reward" in (out / "frontier.md").read_text() and (out / "frontier.png").stat().st_size > 1000

@@ -2,10 +2,13 @@
 the frontier's review prefixes and its VADER reward."""
 
 import importlib.util
+import json
 import random
 from pathlib import Path
 
 import pytest
+
+from mlx_dpo.data import build_pairs, load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("real_run", ROOT / "examples" / "real" / "run.py")
@@ -119,3 +122,18 @@ def test_the_vader_reward_is_the_compound_score():
     got = vader.compound(texts)
     assert got == want and want[0] > 0.5 and want[1] < -0.5 and want[2] == 0.0
     assert vader.compound([[{"role": "assistant", "content": texts[0]}]]) == want[:1]  # conversational completions
+
+
+def test_a_base_model_gets_the_same_split_as_plain_text_pairs(tmp_path, tiny_tokenizer):
+    """--model gemma3 (no chat template): the same pairs in the same split, as text the data layer reads."""
+    text, _ = ratings_text()
+    pairs_file = tmp_path / "pairs.json"
+    pairs_file.write_text(json.dumps(real_run.sentiment_pairs(text, 40)))
+    chat = real_run.split(pairs_file, tmp_path / "chat", 10, 4)
+    plain = real_run.split(pairs_file, tmp_path / "text", 10, 4, chat=False)
+    for name in ("train", "valid", "test"):
+        assert [r["chosen"]["value"] for r in chat[name]] == [r["chosen"] for r in plain[name]]
+        assert all(r["prompt"].endswith(" movie review.\n") for r in plain[name])
+    examples, _ = build_pairs(load_records(tmp_path / "text" / "test.jsonl"), tiny_tokenizer, 256)
+    assert len(examples) == 10
+    assert real_run.as_messages(plain["test"][0]) == plain["test"][0]["prompt"]  # answered as plain text

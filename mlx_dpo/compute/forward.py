@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import KVCache, RotatingKVCache
+from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -90,10 +90,9 @@ def sharing_problem(model: nn.Module) -> Optional[str]:
     """
     if not hasattr(model, "layers"):
         return "the model does not expose its layers"
-    recurrent = _recurrent_caches(model)
-    if recurrent:
-        return (f"its recurrent layers ({', '.join(recurrent)}) carry one state per sequence, "
-                "which cannot be branched from a shared prompt")
+    unknown = _unknown_caches(model)
+    if unknown:
+        return f"its layers keep a kind of cache prompt sharing does not know ({', '.join(unknown)})"
     vocab = getattr(getattr(model, "args", None), "vocab_size", None) or 256
     rng = np.random.default_rng(0)
     examples = []
@@ -119,11 +118,12 @@ def sharing_problem(model: nn.Module) -> Optional[str]:
     return _disagreement(model, (a, grad_a), (b, grad_b))
 
 
-def _recurrent_caches(model: nn.Module) -> list[str]:
-    """The kinds of per-layer cache in ``model.make_cache()`` that are not key/value caches."""
+def _unknown_caches(model: nn.Module) -> list[str]:
+    """The kinds of per-layer cache in ``model.make_cache()`` that are neither key/value caches nor
+    mlx-lm's recurrent ``ArraysCache`` (the two ``compute.prefix`` branches)."""
     make = getattr(model, "make_cache", None)
     caches = make() if callable(make) else []
-    return sorted({type(c).__name__ for c in caches if not isinstance(c, (KVCache, RotatingKVCache))})
+    return sorted({type(c).__name__ for c in caches if not isinstance(c, (KVCache, RotatingKVCache, ArraysCache))})
 
 
 def _disagreement(model: nn.Module, plain: tuple, shared: tuple) -> Optional[str]:

@@ -11,7 +11,10 @@ gradient reaches the prompt positions' adapters through the keys and values).
 Prompts of different lengths share one prefix pass: they are right-padded, and a continuation
 attends to its own prompt's real positions only (a per-row mask); its rotary positions start at
 its own prompt length (a per-row cache offset). Nothing attends to padding, and no query is ever
-left without a key, so no NaN can arise in padded rows.
+left without a key, so no NaN can arise in padded rows. A recurrent layer (gated delta,
+convolution, Mamba: an ``ArraysCache`` in mlx-lm) is told each prompt's length, so its state and
+convolution window stop at the prompt's last real token (mlx-lm's right-padding support), and each
+continuation row starts from its prompt's state.
 
 A batch that can share carries the fields of ``shared_prefix_fields`` instead of ``tokens`` and
 ``mask``; ``forward.sequence_logps`` and ``forward.sequence_token_logps`` take this path for it.
@@ -24,6 +27,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.cache import ArraysCache
 
 from .logps import (
     chunked_token_logps,
@@ -139,11 +143,37 @@ class PrefixCache:
         return mx.concatenate([prefix, mx.broadcast_to(causal, (rows, 1, N, N))], axis=-1)
 
 
+class PrefixState(ArraysCache):
+    """A recurrent layer's cache: the prefix pass stops each row's state at its prompt's length
+    (``lengths``, which mlx-lm's recurrent layers honour), then ``branch`` gives every continuation
+    row its prompt's state and runs it unpadded (a continuation's own padding comes after it)."""
+
+    def branch(self, rows: mx.array, lengths: mx.array) -> None:
+        self.cache = [c[rows] if c is not None else None for c in self.cache]
+        self.lengths = None
+
+
+def prefix_caches(model: nn.Module, lengths: mx.array) -> list:
+    """One cache per entry of the model's own cache list: ``PrefixState`` where mlx-lm keeps a
+    recurrent state, ``PrefixCache`` (keys and values) elsewhere."""
+    make = getattr(model, "make_cache", None)
+    kinds = make() if callable(make) else [None] * len(model.layers)
+    caches = []
+    for kind in kinds:
+        if isinstance(kind, ArraysCache):
+            state = PrefixState(len(kind.cache))
+            state.lengths = lengths + 0  # its own array: mlx-lm's layers count it down in place
+            caches.append(state)
+        else:
+            caches.append(PrefixCache())
+    return caches
+
+
 def _suffix_states(model: nn.Module, batch: dict, use_body: bool) -> mx.array:
     """The continuation rows' final hidden states (``use_body``) or logits, after one prefix pass."""
     forward = split_head(model)[0] if use_body else model
-    caches = [PrefixCache() for _ in range(len(model.layers))]
-    forward(batch["prefix_tokens"], cache=caches)  # only the keys and values are used (lazy graph)
+    caches = prefix_caches(model, batch["prefix_lengths"])
+    forward(batch["prefix_tokens"], cache=caches)  # only the caches are used (lazy graph)
     for c in caches:
         c.branch(batch["suffix_rows"], batch["prefix_lengths"])
     return forward(batch["suffix_tokens"], cache=caches)

@@ -17,18 +17,20 @@ import mlx.nn as nn
 
 from ..compute.forward import PLAIN, Forward, sequence_logps, sequence_token_logps
 from ..compute.reference import ReferenceFn, TokenReferenceFn
+from ..compute.scores import sequence_scores
 from .losses import (
     PAIR_LOSSES,
     REFERENCE_FREE,
     USES_LABEL_SMOOTHING,
     kto_loss,
     nll_loss,
+    reward_model_loss,
     sft_loss,
 )
 from .terms import LossTerm, term_inputs
 
 LossFn = Callable[[nn.Module, dict], tuple[mx.array, dict]]
-OFFLINE_LOSSES = ("sft", "coh", "kto", *PAIR_LOSSES)  # every offline loss_type name
+OFFLINE_LOSSES = ("sft", "coh", "kto", "reward", *PAIR_LOSSES)  # every offline loss_type name
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Objective:
 
 def needs_reference(loss_types: Sequence[str]) -> bool:
     """Whether a paired or KTO objective compares with a sequence-level reference."""
-    return any(t not in REFERENCE_FREE and t not in ("sft", "coh") for t in loss_types)
+    return any(t not in REFERENCE_FREE and t not in ("sft", "coh", "reward") for t in loss_types)
 
 
 def confidence_supported(loss_types: Sequence[str]) -> bool:
@@ -59,6 +61,8 @@ def check_combination(loss_types: Sequence[str], loss_weights: Optional[Sequence
     """Raise ValueError for offline combinations no objective can run."""
     if "kto" in loss_types and len(loss_types) > 1:
         raise ValueError("'kto' trains on unpaired data and cannot be combined with other loss types")
+    if "reward" in loss_types and len(loss_types) > 1:
+        raise ValueError("'reward' trains a reward model (a score head) and cannot be combined with other loss types")
     if "coh" in loss_types and len(loss_types) > 1:
         raise ValueError("'coh' trains on one hindsight sequence per pair and order and cannot be combined with other loss types")
     if loss_weights is not None and len(loss_weights) != len(loss_types):
@@ -92,6 +96,20 @@ def sft_loss_fn(how: Forward = PLAIN, weight: float = 1.0) -> LossFn:
         return loss * weight, {**metrics, "weight": total, "count": count, "ntoks": _forwarded(batch)}
 
     return sft
+
+
+def reward_loss_fn(center_coefficient: float = 0.0) -> LossFn:
+    """A reward model's Bradley-Terry loss on chosen/rejected rows, each scored at its last token;
+    a pair's ``margin`` column (TRL's) is subtracted from its score difference."""
+
+    def reward(model: nn.Module, batch: dict) -> tuple[mx.array, dict]:
+        scores = sequence_scores(model, batch["tokens"], batch["lengths"])
+        b = scores.shape[0] // 2
+        loss, metrics = reward_model_loss(scores[:b], scores[b:], batch.get("column.margin"), center_coefficient)
+        n = mx.array(b, mx.float32)
+        return loss, {**metrics, "weight": n, "count": n, "ntoks": _forwarded(batch)}
+
+    return reward
 
 
 def kto_loss_fn(objective: Objective, reference: Optional[ReferenceFn], how: Forward = PLAIN) -> LossFn:

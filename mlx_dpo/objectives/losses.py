@@ -506,6 +506,26 @@ def sft_loss(logps: mx.array, ntoks: mx.array) -> Result:
     return -logps.sum() / ntoks.sum(), {}
 
 
+def reward_model_loss(chosen: mx.array, rejected: mx.array, margin=None, center_coefficient: float = 0.0) -> Result:
+    """Bradley-Terry loss of a reward model's scalar scores (``(B,)`` each), TRL's ``RewardTrainer``:
+    ``-mean log σ(r_c - r_r - m)`` with an optional per-pair ``margin`` m, plus
+    ``center_coefficient * mean((r_c + r_r)²)`` (Eisenstein et al. 2023) to keep rewards near 0."""
+    diff = chosen - rejected
+    loss = -log_sigmoid(diff if margin is None else diff - margin).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * ((chosen + rejected) ** 2).mean()
+    every, diff = mx.stop_gradient(mx.concatenate([chosen, rejected])), mx.stop_gradient(diff)
+    return loss, {
+        "accuracy": (diff > 0).astype(mx.float32).mean(),
+        "margin": diff.mean(),
+        "mean_reward": every.mean(),
+        "min_reward": every.min(),
+        "max_reward": every.max(),
+        "rewards/chosen": mx.stop_gradient(chosen).mean(),
+        "rewards/rejected": mx.stop_gradient(rejected).mean(),
+    }
+
+
 # --------------------------------------------------------------------------- registry
 
 

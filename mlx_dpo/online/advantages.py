@@ -1,9 +1,20 @@
-"""From rewards to advantages: GRPO's group baseline, in float64 NumPy.
+"""From rewards to advantages, in float64 NumPy: GRPO's group baseline, RLOO's leave-one-out
+baseline and REINFORCE++'s global batch normalisation (``advantage_estimator``).
 
 Rewards never see MLX arrays: each completion's rewards (one column per reward
 function, NaN where a function returned None) are combined with
 ``reward_weights`` and compared with the other completions of the same prompt.
-The semantics of TRL's ``GRPOTrainer`` (group mean baseline, Bessel std, ``1e-4`` added).
+
+- ``group``: TRL's ``GRPOTrainer`` (group mean baseline, Bessel std, ``1e-4`` added).
+- ``rloo``: TRL's ``RLOOTrainer``: ``A_i = r_i - mean of the other scorable completions of
+  its prompt``; with ``normalize_advantages``, ``(A - mean) / (std + 1e-4)`` over the batch
+  (Bessel std). A prompt with one scorable completion gives it A = 0.
+- ``reinforce_pp``: REINFORCE++ with a baseline (Hu et al. 2025; OpenRLHF's
+  ``reinforce_baseline``): ``A_i = r_i - group mean``, then whitened over every completion token of
+  the batch (each token carries its completion's A): ``(A - mean) / sqrt(max(var, 1e-8))`` with the
+  token-weighted mean and population variance.
+
+Completions every reward abstained on get A = 0 and take no part in any statistic.
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .policy_losses import SCALE_REWARDS
+
+ADVANTAGE_ESTIMATORS = ("group", "rloo", "reinforce_pp")
 
 
 def combine_rewards(rewards: np.ndarray, weights: Optional[Sequence[float]] = None) -> np.ndarray:
@@ -59,3 +72,78 @@ def group_advantages(
         "frac_reward_zero_std": float(np.broadcast_to(zero, r.shape).mean()),
     }
     return adv.reshape(-1), stats
+
+
+def _reward_stats(r: np.ndarray, zero_std: np.ndarray) -> dict[str, float]:
+    flat = r[~np.isnan(r)]
+    return {
+        "reward": float(flat.mean()) if flat.size else 0.0,
+        "reward_std": float(flat.std(ddof=1)) if flat.size > 1 else 0.0,
+        "frac_reward_zero_std": float(np.broadcast_to(zero_std, r.shape).mean()),
+    }
+
+
+def _group_parts(rewards: np.ndarray, num_generations: int):
+    """(grouped rewards, valid, scorable count, nan-aware sum, group std is zero) of each prompt."""
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, num_generations)
+    valid = ~np.isnan(r)
+    n = valid.sum(axis=1, keepdims=True)
+    total = np.where(valid, r, 0.0).sum(axis=1, keepdims=True)
+    mean = total / np.maximum(n, 1)
+    sq = np.where(valid, (r - mean) ** 2, 0.0).sum(axis=1, keepdims=True)
+    zero = (n >= 2) & np.isclose(sq, 0.0, rtol=0.0, atol=1e-12)  # TRL: an undefined std is not zero
+    return r, valid, n, total, zero
+
+
+def rloo_raw(rewards: np.ndarray, num_generations: int) -> np.ndarray:
+    """(N,) leave-one-out advantages before any normalisation, NaN where undefined (an unscorable
+    completion, or the only scorable one of its prompt)."""
+    r, valid, n, total, _ = _group_parts(rewards, num_generations)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid & (n > 1), r - (total - r) / (n - 1), np.nan).reshape(-1)
+
+
+def group_centred(rewards: np.ndarray, num_generations: int) -> np.ndarray:
+    """(N,) ``r_i - mean of its prompt's scorable rewards``, NaN where unscorable."""
+    r, valid, n, total, _ = _group_parts(rewards, num_generations)
+    return np.where(valid, r - total / np.maximum(n, 1), np.nan).reshape(-1)
+
+
+def rloo_advantages(rewards: np.ndarray, num_generations: int, normalize: bool = False,
+                    batch_moments: Optional[tuple[float, float]] = None) -> tuple[np.ndarray, dict[str, float]]:
+    """RLOO's leave-one-out advantages (see the module text); ``batch_moments`` ``(mean, std)`` of
+    ``rloo_raw`` over all ranks, computed here when not given."""
+    r, _, _, _, zero = _group_parts(rewards, num_generations)
+    adv = rloo_raw(rewards, num_generations)
+    if normalize:
+        mean, std = batch_moments if batch_moments is not None else plain_moments(adv)
+        adv = (adv - mean) / (std + 1e-4)
+    return np.nan_to_num(adv, nan=0.0), _reward_stats(r, zero)
+
+
+def reinforce_pp_advantages(rewards: np.ndarray, num_generations: int, token_counts: np.ndarray,
+                            batch_moments: Optional[tuple[float, float]] = None) -> tuple[np.ndarray, dict[str, float]]:
+    """REINFORCE++-baseline advantages (see the module text); ``token_counts`` (N,) are the
+    completions' trained tokens, ``batch_moments`` the token-weighted ``(mean, variance)`` of
+    ``group_centred`` over all ranks, computed here when not given."""
+    r, _, _, _, zero = _group_parts(rewards, num_generations)
+    centred = group_centred(rewards, num_generations)
+    mean, var = batch_moments if batch_moments is not None else token_moments(centred, token_counts)
+    adv = (centred - mean) / np.sqrt(max(var, 1e-8))
+    return np.nan_to_num(adv, nan=0.0), _reward_stats(r, zero)
+
+
+def plain_moments(values: np.ndarray) -> tuple[float, float]:
+    """Mean and Bessel std of the non-NaN values (RLOO's batch normalisation)."""
+    ok = values[~np.isnan(values)]
+    return (float(ok.mean()) if ok.size else 0.0), (float(ok.std(ddof=1)) if ok.size > 1 else 0.0)
+
+
+def token_moments(values: np.ndarray, token_counts: np.ndarray) -> tuple[float, float]:
+    """Token-weighted mean and population variance of the non-NaN per-completion values."""
+    ok = ~np.isnan(values)
+    w, v = np.asarray(token_counts, np.float64)[ok], values[ok]
+    if w.sum() <= 0:
+        return 0.0, 0.0
+    mean = float((w * v).sum() / w.sum())
+    return mean, float((w * (v - mean) ** 2).sum() / w.sum())

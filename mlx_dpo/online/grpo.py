@@ -23,7 +23,14 @@ from ..compute.forward import PLAIN, Forward, eval_mode, sequence_token_logps
 from ..compute.prefix import shared_prefix_fields, with_shared_prefix
 from ..compute.reference import TokenReferenceFn
 from ..data.prompts import Prompt
-from .advantages import combine_rewards, group_advantages
+from .advantages import (
+    combine_rewards,
+    group_advantages,
+    group_centred,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    rloo_raw,
+)
 from .generations import (
     Generation,
     PromptOrder,
@@ -55,6 +62,9 @@ class GRPOArgs:
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
     importance_sampling_level: str = "token"
+    advantage_estimator: str = "group"  # group (GRPO), rloo, reinforce_pp: see advantages.py
+    normalize_advantages: bool = False  # rloo: whiten the advantages over the batch (TRL's RLOOConfig)
+    kl_in_reward: bool = False  # beta x the sequence's summed log-ratio to the reference comes off its reward
     pad_multiple: int = 32  # fewer distinct widths: fewer traces of the compiled step
     share_prefix: bool = False  # each prompt runs once for its G completions (see compute/prefix.py)
 
@@ -78,19 +88,44 @@ def _stats(completions: list[Completion], rewards: np.ndarray, names: list[str])
         ok = col[~np.isnan(col)]
         out[f"rewards/{name}/mean"] = float(ok.mean()) if ok.size else 0.0
         out[f"rewards/{name}/std"] = float(ok.std(ddof=1)) if ok.size > 1 else 0.0
+        out[f"rewards/{name}/unscored"] = float(np.isnan(col).mean())  # the share it gave None (a judge: no grade found)
     return out
 
 
 def _global_std(rewards: np.ndarray, group: Optional[mx.distributed.Group]) -> float:
-    """Std (Bessel) of the valid rewards over all ranks (``scale_rewards: batch``), in two passes:
-    the mean first, then the squared deviations, so float32 sums keep their precision."""
-    ok = rewards[~np.isnan(rewards)]
-    n, total = all_sum(np.array([ok.size, ok.sum()]), group)
-    if n < 2:
-        return float("nan")
-    mean = total / n
-    squares = all_sum(np.array([((ok - mean) ** 2).sum()]), group)[0]
-    return float(np.sqrt(squares / (n - 1)))
+    """Std (Bessel) of the valid rewards over all ranks (``scale_rewards: batch``)."""
+    return _moments(rewards, np.ones_like(rewards), group, bessel=True)[1]
+
+
+def _moments(values: np.ndarray, weights: np.ndarray, group: Optional[mx.distributed.Group], bessel: bool) -> tuple[float, float]:
+    """Weighted mean and std of the non-NaN values over all ranks, in two passes (the mean first,
+    then the squared deviations, so float32 sums keep their precision): Bessel's std of unit
+    weights, or the population std. NaN std below two values (Bessel)."""
+    ok = ~np.isnan(values)
+    v, w = values[ok], np.asarray(weights, np.float64)[ok]
+    n, wsum, total = all_sum(np.array([v.size, w.sum(), (w * v).sum()]), group)
+    if wsum <= 0 or (bessel and n < 2):
+        return 0.0, float("nan")
+    mean = total / wsum
+    squares = all_sum(np.array([(w * (v - mean) ** 2).sum()]), group)[0]
+    return float(mean), float(np.sqrt(squares / (n - 1 if bessel else wsum)))
+
+
+def advantages_of(combined: np.ndarray, token_counts: np.ndarray, args: GRPOArgs,
+                  group: Optional[mx.distributed.Group]) -> tuple[np.ndarray, dict]:
+    """This rank's advantages under ``args.advantage_estimator``; batch statistics span all ranks
+    (every rank calls this, with or without completions)."""
+    g, empty = args.num_generations, (combined, {})
+    if args.advantage_estimator == "rloo":
+        raw = rloo_raw(combined, g) if combined.size else combined
+        moments = _moments(raw, np.ones_like(raw), group, bessel=True) if args.normalize_advantages else None
+        return rloo_advantages(combined, g, args.normalize_advantages, moments) if combined.size else empty
+    if args.advantage_estimator == "reinforce_pp":
+        centred = group_centred(combined, g) if combined.size else combined
+        mean, std = _moments(centred, token_counts, group, bessel=False)
+        return reinforce_pp_advantages(combined, g, token_counts, (mean, std**2)) if combined.size else empty
+    batch_std = _global_std(combined, group) if args.scale_rewards == "batch" else None
+    return group_advantages(combined, g, args.scale_rewards, batch_std) if combined.size else empty
 
 
 def make_rollout_source(
@@ -126,15 +161,20 @@ def make_rollout_source(
             except RolloutError as e:
                 failure = e
             raise_if_any_failed(failure, comm_group)
+            made = rows.micro_batches(gen, accum, reuse > 1) if gen.prompts else []
             combined = combine_rewards(rewards, args.reward_weights)
-            batch_std = _global_std(combined, comm_group) if args.scale_rewards == "batch" else None
-            kept = [len(c.token_ids) for c in gen.completions if c.finished or not args.mask_truncated_completions]
-            normalizer = all_sum(np.array([float(sum(kept))]), comm_group)[0] / (world * accum)
+            extra = {}
+            if args.kl_in_reward:  # RLOO's option: the KL penalty is part of the reward, not of the loss
+                kl, per_token = rows.sequence_kl(made, len(gen.completions))
+                combined, extra["kl"] = combined - args.beta * kl, per_token
+            counts = np.array([float(len(c.token_ids)) if c.finished or not args.mask_truncated_completions else 0.0
+                               for c in gen.completions])
+            adv, stats = advantages_of(combined, counts, args, comm_group)
+            normalizer = all_sum(np.array([counts.sum()]), comm_group)[0] / (world * accum)
             if not gen.prompts:
                 continue
-            adv, stats = group_advantages(combined, args.num_generations, args.scale_rewards, batch_std)
-            stats.update(_stats(gen.completions, rewards, names))
-            batches = rows.micro_batches(gen, adv, stats, accum, float(sum(kept)), normalizer, reuse > 1)
+            stats.update(extra, **_stats(gen.completions, rewards, names))
+            batches = rows.finish(made, gen, adv, stats, float(counts.sum()), normalizer)
             yield from batches
             once = {"time/rollout": mx.array(0.0), "count/completion_tokens": mx.array(0.0)}
             for _ in range(reuse - 1):  # mu > 1: the same rows again, their sampling cost already counted
@@ -150,23 +190,41 @@ class RowMaker:
     def __init__(self, model: nn.Module, pad_id: int, args: GRPOArgs, reference: Optional[TokenReferenceFn], how: Forward):
         self.model, self.pad_id, self.args, self.reference, self.how = model, pad_id, args, reference, how
 
-    def micro_batches(self, gen: Generation, adv: np.ndarray, stats: dict, accum: int, tokens: float,
-                      normalizer: float, keep_old: bool) -> list[dict]:
+    def micro_batches(self, gen: Generation, accum: int, keep_old: bool) -> list[tuple[dict, list[int], Optional[mx.array]]]:
+        """``(rows, completion indices, summed log-ratio to the reference or None)`` per accumulation step."""
         comps, per_step = gen.completions, -(-len(gen.prompts) // accum)
-        batches = []
+        made = []
         for s in range(0, len(gen.prompts), per_step):
             sel = [k for k, c in enumerate(comps) if s <= c.prompt_index < s + per_step]
-            b = self.rows(gen.prompts, [comps[k] for k in sel], adv[sel], keep_old)
+            batch, kl = self.rows(gen.prompts, [comps[k] for k in sel], keep_old)
+            batch["index"] = mx.array(np.asarray(gen.picked, dtype=np.int32)[s : s + per_step])
+            made.append((batch, sel, kl))
+        return made
+
+    @staticmethod
+    def sequence_kl(made: list, n: int) -> tuple[np.ndarray, float]:
+        """(N,) each completion's summed ``old - reference`` log-probs, and their mean per token (TRL's RLOO ``kl``)."""
+        kl, tokens = np.zeros(n), 0.0
+        for _, sel, (summed, count) in made:
+            kl[sel] = np.array(summed, np.float64)
+            tokens += float(count.sum())
+        return kl, float(kl.sum() / max(tokens, 1.0))
+
+    @staticmethod
+    def finish(made: list, gen: Generation, adv: np.ndarray, stats: dict, tokens: float, normalizer: float) -> list[dict]:
+        """The rows with their advantages, the dapo normalizer and the sampling statistics."""
+        batches = []
+        for i, (b, sel, _) in enumerate(made):
+            b["advantages"] = mx.array(adv[sel].astype(np.float32))
             b["normalizer"] = mx.array(normalizer, mx.float32)
             b["stats"] = {k: mx.array(v, mx.float32) for k, v in stats.items()}
             # Summed over a report window: counted once per generation batch.
-            b["stats"]["time/rollout"] = mx.array(gen.seconds if s == 0 else 0.0, mx.float32)
-            b["stats"]["count/completion_tokens"] = mx.array(tokens if s == 0 else 0.0, mx.float32)
-            b["index"] = mx.array(np.asarray(gen.picked, dtype=np.int32)[s : s + per_step])
+            b["stats"]["time/rollout"] = mx.array(gen.seconds if i == 0 else 0.0, mx.float32)
+            b["stats"]["count/completion_tokens"] = mx.array(tokens if i == 0 else 0.0, mx.float32)
             batches.append(b)
         return batches
 
-    def rows(self, chunk: list[Prompt], comps: list[Completion], adv: np.ndarray, keep_old: bool) -> dict:
+    def rows(self, chunk: list[Prompt], comps: list[Completion], keep_old: bool) -> tuple[dict, Optional[tuple]]:
         args = self.args
         seqs = [(chunk[c.prompt_index].ids + list(c.token_ids), len(chunk[c.prompt_index].ids)) for c in comps]
         batch = pad_batch([(r,) for r in seqs], pad_id=self.pad_id, pad_multiple=args.pad_multiple)
@@ -180,15 +238,22 @@ class RowMaker:
             for key in ("mask", "suffix_mask"):
                 if key in batch:
                     batch[key] = batch[key] * keep
-        batch["advantages"] = mx.array(adv.astype(np.float32))
-        if keep_old:  # the policy that sampled (dropout off, as when sampling), frozen for the mu steps
+        kl = None
+        if keep_old or args.kl_in_reward:  # the policy that sampled (dropout off, as when sampling)
             with eval_mode(self.model):
-                batch["old_logps"] = mx.stop_gradient(sequence_token_logps(self.model, batch, self.how, args.temperature)[0])
-                mx.eval(batch["old_logps"])
+                old, _, mask = sequence_token_logps(self.model, batch, self.how, args.temperature)
+            old = mx.stop_gradient(old)
+            if keep_old:  # frozen for the mu steps
+                batch["old_logps"] = old
         if args.beta != 0.0 and self.reference is not None:
-            batch["reference_logps"] = self.reference(batch)
-        mx.eval({k: v for k, v in batch.items() if isinstance(v, mx.array)})
-        return batch
+            reference = self.reference(batch)
+            if args.kl_in_reward:  # TRL's RLOO: the first-order estimate, summed over the completion
+                mask = mask.astype(mx.float32)
+                kl = (((old - reference) * mask).sum(-1), mask.sum(-1))
+            else:
+                batch["reference_logps"] = reference
+        mx.eval({k: v for k, v in batch.items() if isinstance(v, mx.array)}, kl)
+        return batch, kl
 
 
 def make_grpo_loss(args: GRPOArgs, how: Forward = PLAIN) -> Callable[[nn.Module, dict], tuple[mx.array, dict]]:
@@ -198,7 +263,7 @@ def make_grpo_loss(args: GRPOArgs, how: Forward = PLAIN) -> Callable[[nn.Module,
         logps, entropy, mask = sequence_token_logps(model, batch, how, args.temperature, True)
         loss, metrics = grpo_loss(
             logps, batch["advantages"], mask, batch.get("old_logps"), batch.get("reference_logps"),
-            beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
+            beta=0.0 if args.kl_in_reward else args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high, loss_type=args.loss_type,
             importance_sampling_level=args.importance_sampling_level, max_completion_length=args.sampling.max_tokens,
             normalizer=batch.get("normalizer"),
         )

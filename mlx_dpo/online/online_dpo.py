@@ -95,7 +95,9 @@ def make_pair_rollout_source(
             p = len(prompt.ids)
             examples.append(((prompt.ids + list(good.token_ids), p), (prompt.ids + list(bad.token_ids), p)))
         batch = pad_batch(examples, pad_id, args.pad_multiple, args.share_prefix)
-        batch["stats"] = {k: mx.array(float(v), mx.float32) for k, v in _pair_stats(scores, chosen, finished, gen).items()}
+        stats = _pair_stats(scores, chosen, finished, gen)
+        stats.update({f"rewards/{name}/unscored": np.isnan(rewards[:, j]).mean() for j, (name, _) in enumerate(reward_funcs)})
+        batch["stats"] = {k: mx.array(float(v), mx.float32) for k, v in stats.items()}
         batch["index"] = mx.array(np.asarray(gen.picked, dtype=np.int32))
         return batch
 

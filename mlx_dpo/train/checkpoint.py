@@ -4,7 +4,9 @@ A checkpoint is the adapter weights in mlx-lm's format (``adapters.safetensors``
 numbered ``0000100_adapters.safetensors``) plus a training-state file beside
 them (``training_state.safetensors``, numbered ``0000100_state.safetensors``)
 with the optimizer state (moments and step, which also positions the
-learning-rate schedule) and the step in its metadata. The random state needs
+learning-rate schedule) and the step in its metadata. A reward model's score head, which mlx-lm's
+adapter loader would refuse, goes in a third file (``score_head.safetensors``,
+``0000100_score_head.safetensors``). The random state needs
 no saving: the trainer reseeds from ``(seed, step)`` before every step, and the
 batch order is a function of ``(seed, epoch)``. Every file is written to a
 temporary name and renamed, so a crash leaves the previous complete file.
@@ -20,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .._platform.files import atomic_save_safetensors
+from ..compute.scores import SCORE, head_file_for, load_head
 
 STATE_FORMAT = "mlx-dpo-training-state-1"
 ADAPTERS = "adapters.safetensors"
@@ -33,7 +36,11 @@ def save_adapters(model: nn.Module, path: Path, step: Optional[int] = None) -> N
     check that adapters and training state belong together.
     """
     meta = {"step": str(step)} if step is not None else {}
-    atomic_save_safetensors(path, dict(tree_flatten(model.trainable_parameters())), meta)
+    weights = dict(tree_flatten(model.trainable_parameters()))
+    head = {k: weights.pop(k) for k in list(weights) if k.startswith(f"{SCORE}.")}
+    if head:
+        atomic_save_safetensors(head_file_for(path), head, meta)
+    atomic_save_safetensors(path, weights, meta)
 
 
 def state_file_for(adapter_file: Path) -> Path:
@@ -74,6 +81,8 @@ def restore(model: nn.Module, optimizer, adapter_file: Path) -> int:
     """
     weights, meta = mx.load(str(adapter_file), return_metadata=True)
     model.load_weights(list(weights.items()), strict=False)
+    if SCORE in model and not load_head(model, adapter_file):
+        raise ValueError(f"{adapter_file} has no reward model's score head beside it ({head_file_for(adapter_file).name})")
     state_file = state_file_for(adapter_file)
     if not state_file.is_file():
         return 0

@@ -12,7 +12,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
 from mlx_dpo.compute.batching import iterate_batches, pad_batch
@@ -32,7 +31,7 @@ from mlx_dpo.online.grpo import GRPOArgs, make_grpo_loss, make_rollout_source
 from mlx_dpo.online.rollout import SamplingParams
 from mlx_dpo.toy import write_jsonl
 from mlx_dpo.train.metrics_log import read_metrics
-from tests.support import make_loss
+from tests.support import adapted_model, make_loss
 
 WORDS = "the a good bad movie film was very plot actor scene story great terrible boring loved it not".split()
 
@@ -68,20 +67,6 @@ def data_dir(tmp_path_factory):
 def examples(model_path, data_dir, kind="pairs", max_len=160):
     _, tok = load(str(model_path))
     return load_datasets(str(data_dir), tok, kind, max_len, splits=("train",))["train"]
-
-
-def adapted_model(path, kind: str, seed: int = 0):
-    """The tiny Llama with random non-zero LoRA/DoRA updates, or fully trainable."""
-    mx.random.seed(seed)
-    model, _ = load(str(path))
-    if kind == "full":
-        return model
-    model.freeze()
-    linear_to_lora_layers(model, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0}, use_dora=kind == "dora")
-    for _, m in model.named_modules():
-        if "lora_b" in m:
-            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
-    return model
 
 
 def assert_trees_close(a, b, rtol=2e-4, atol=2e-5):

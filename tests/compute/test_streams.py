@@ -17,8 +17,6 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import load
 
 import mlx_dpo
 from mlx_dpo._platform import blas as _blas
@@ -38,7 +36,7 @@ from mlx_dpo.compute.streams import (
 from mlx_dpo.config import ConfigError, load_config
 from mlx_dpo.lora import run
 from mlx_dpo.train.metrics_log import read_metrics
-from tests.support import make_loss
+from tests.support import adapted_model, make_loss
 
 
 def plan(n: int, pack: bool = False) -> Forward:
@@ -48,14 +46,7 @@ def plan(n: int, pack: bool = False) -> Forward:
 
 @pytest.fixture(scope="module")
 def model(tiny_model_path):
-    mx.random.seed(0)
-    m, _ = load(str(tiny_model_path))
-    m.freeze()
-    linear_to_lora_layers(m, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-    for _, layer in m.named_modules():
-        if "lora_b" in layer:
-            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.05
-    return m
+    return adapted_model(tiny_model_path)
 
 
 def pairs(n: int, seed: int = 0):
