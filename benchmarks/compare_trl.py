@@ -1,6 +1,7 @@
-"""mlx-dpo against TRL's DPOTrainer: the same model, pairs, LoRA and lengths, one after the other.
+"""mlx-dpo against TRL's DPOTrainer and GRPOTrainer: the same model, data, LoRA and lengths, one after the other.
 
     python benchmarks/compare_trl.py [--model DIR] [--steps 12] [--shapes long,short] [--trl-venv DIR]
+    python benchmarks/compare_trl.py --methods grpo [--grpo-steps 6]     # GRPO only
 
 Both tools train DPO (sigmoid loss, beta 0.1) with LoRA rank 8, alpha 16 (mlx-lm's ``scale``
 2.0) on every linear layer of the model, in float32 on the CPU, 2 pairs a step, sequences cut at
@@ -27,6 +28,15 @@ converts it.
 plain path without prefix sharing or streams, the compiled step with and without shape
 bucketing) and prints how far each one's losses are from the default run's, step by step.
 
+``--methods grpo`` (``--methods dpo,grpo``: both) runs GRPO as the issue that asked for it set it
+up: 2 prompts x 4 completions a step, up to 32 new tokens, temperature 1, beta 0 (no reference
+pass), TRL's default ``dapo`` loss, one cheap reward function (the number of distinct words of a
+completion over 10, the same code on both sides), LoRA as above, ``--grpo-steps`` steps. The
+prompts are the first 6 words of review sentences, as plain text. Reported per tool: the median
+step time, the median rollout (sampling) time inside a step (TRL: its ``_generate_single_turn``,
+timed by a wrapper), the rest of the step, completion tokens per second over exactly the timed
+steps (their sampled tokens over their summed step time), and peak RSS, with mlx-dpo's ratio.
+
 ``--parity`` compares the numbers instead of the speed: both tools train on the same batches in
 the same order (mlx-dpo's seeded order, given to TRL in sequence), from the same LoRA
 initialisation (mlx-dpo's, exported in PEFT's layout), with plain SGD at a constant rate and no
@@ -44,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PACKAGES = ["torch==2.13.0", "trl", "peft", "transformers", "datasets", "accelerate"]
@@ -58,26 +69,36 @@ VARIANTS = {
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
-# Runs inside TRL's venv: argv[1] is a JSON of settings; prints one JSON line of results.
-TRL_SCRIPT = r'''
+
+# What both TRL scripts start with: settings from argv[1], the model, the data, a step timer
+# (``on_begin`` runs at each step's start) and the LoRA of every linear layer.
+TRL_PRELUDE = r'''
 import json, resource, sys, time
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-from trl import DPOConfig, DPOTrainer
 s = json.loads(sys.argv[1])
 torch.manual_seed(0)
 tok = AutoTokenizer.from_pretrained(s["model"])
 model = AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
 data = load_dataset("json", data_files=s["data"], split="train")
-times, tokens = [], []
+times, on_begin = [], []
 
 class Timer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw):
         self.t = time.perf_counter()
+        for f in on_begin:
+            f()
     def on_step_end(self, args, state, control, **kw):
         times.append(time.perf_counter() - self.t)
+
+peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+'''
+
+TRL_SCRIPT = TRL_PRELUDE + r'''
+from trl import DPOConfig, DPOTrainer
+tokens = []
 
 class Counting(DPOTrainer):
     def training_step(self, model, inputs, *a, **kw):
@@ -87,7 +108,6 @@ class Counting(DPOTrainer):
 cfg = DPOConfig(output_dir=s["out"], per_device_train_batch_size=2, max_steps=s["steps"], learning_rate=5e-6,
                 beta=0.1, max_length=256, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                 gradient_checkpointing=False, seed=0, bf16=False, fp16=False, dataloader_num_workers=0)
-peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 trainer = Counting(model=model, args=cfg, train_dataset=data, processing_class=tok, peft_config=peft, callbacks=[Timer()])
 trainer.train()
 losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -95,6 +115,41 @@ print(json.dumps({"times": times, "tokens": tokens, "losses": losses,
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "version": __import__("trl").__version__}))
 '''
+
+# GRPO in TRL's venv: argv[1] is a JSON of settings; prints one JSON line of results.
+TRL_GRPO_SCRIPT = TRL_PRELUDE + r'''
+from trl import GRPOConfig, GRPOTrainer
+rollout, sampled = [], []
+on_begin.append(lambda: (rollout.append(0.0), sampled.append(0)))
+exec(s["reward"])  # def distinct_words(completions, **kw): the same source as mlx-dpo's side
+
+class Timed(GRPOTrainer):
+    def _generate_single_turn(self, *a, **kw):
+        t = time.perf_counter()
+        out = super()._generate_single_turn(*a, **kw)
+        if rollout:
+            rollout[-1] += time.perf_counter() - t
+            sampled[-1] += sum(len(c) for c in out[0])
+        return out
+
+cfg = GRPOConfig(output_dir=s["out"], per_device_train_batch_size=s["prompts"] * s["group"], num_generations=s["group"],
+                 max_completion_length=s["max_tokens"], temperature=1.0, beta=0.0, learning_rate=1e-6, max_steps=s["steps"],
+                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=False, fp16=False,
+                 dataloader_num_workers=0, gradient_checkpointing=False)
+trainer = Timed(model=model, args=cfg, train_dataset=data, processing_class=tok, reward_funcs=[distinct_words],
+                peft_config=peft, callbacks=[Timer()])
+trainer.train()
+print(json.dumps({"times": times, "rollout": rollout[:len(times)], "tokens": sampled[:len(times)],
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "version": __import__("trl").__version__}))
+'''
+
+# The cheap reward both tools call in GRPO (its source runs in TRL's process, and as a file for mlx-dpo).
+GRPO_REWARD = """
+def distinct_words(completions, **kwargs):
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [len(set(t.split())) / 10 for t in texts]
+"""
 
 # Runs mlx_dpo.lora in a child process and reports its peak RSS the same way.
 MLX_SCRIPT = r'''
@@ -218,6 +273,87 @@ def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, var
     return {**steady(times, tokens, warmup), "peak_rss_gb": rss, "losses": [r["loss"] for r in train], "tool": tool}
 
 
+def grpo_prompts(sentences: list[str], n: int, seed: int = 0) -> list[dict]:
+    """``n`` plain-text prompts: the first 6 words of review sentences of at least 10 words."""
+    rng = random.Random(seed)
+    long = [x for x in sentences if len(x.split()) >= 10]
+    return [{"prompt": " ".join(rng.choice(long).split()[:6])} for _ in range(n)]
+
+
+GRPO_SHAPE = {"prompts": 2, "group": 4, "max_tokens": 32}
+
+
+def run_trl_grpo(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
+    settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "trl-grpo"), "reward": GRPO_REWARD,
+                **GRPO_SHAPE}
+    done = subprocess.run([str(python), "-c", TRL_GRPO_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"TRL GRPO failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**grpo_steady(out["times"], out["rollout"], out["tokens"], warmup), "peak_rss_gb": out["peak_rss_gb"],
+            "tool": f"TRL {out['version']}"}
+
+
+def grpo_steady(times: list[float], rollout: list[float], tokens: list[float], warmup: int) -> dict:
+    """Medians of step, rollout and the rest over the steps after the warm-up; completion tokens over their time."""
+    k = warmup if len(times) > warmup else 0
+    t, r, n = times[k:], rollout[k:], tokens[k:]
+    return {"median_step_s": statistics.median(t), "median_rollout_s": statistics.median(r),
+            "median_rest_s": statistics.median(a - b for a, b in zip(t, r)), "tokens_per_s": sum(n) / sum(t),
+            "tokens_per_step": statistics.mean(n), "steps_timed": len(t)}
+
+
+def run_mlx_grpo(model: str, data_dir: Path, steps: int, warmup: int, work: Path) -> dict:
+    (work / "grpo_rewards.py").write_text(GRPO_REWARD)
+    config = {
+        "model": model, "data": str(data_dir), "train": True, "test": False, "loss_type": "dapo", "beta": 0.0,
+        "reward_funcs": ["grpo_rewards.distinct_words"], "num_generations": GRPO_SHAPE["group"],
+        "batch_size": GRPO_SHAPE["prompts"], "max_completion_length": GRPO_SHAPE["max_tokens"], "temperature": 1.0,
+        "fine_tune_type": "lora", "num_layers": -1,
+        "lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": LORA_KEYS},
+        "optimizer": "adam", "learning_rate": 1e-6, "iters": steps, "steps_per_report": 1, "steps_per_eval": 10**6,
+        "val_batches": 0, "save_every": 10**6, "adapter_path": str(work / "mlx-grpo"), "seed": 0,
+    }
+    path = work / "mlx_grpo.json"  # beside grpo_rewards.py: reward functions are found beside the config
+    path.write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-c", MLX_SCRIPT, str(path)], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise SystemExit(f"mlx-dpo GRPO failed:\n{done.stderr[-3000:]}")
+    rss = float(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_GB")))
+    rows = [json.loads(x) for x in (work / "mlx-grpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split") == "train"]
+    times = [1.0 / r["iterations_per_second"] for r in train]
+    tokens = [r["rollout_tokens_per_second"] * r["rollout_seconds"] for r in train]
+    rollout = [r["rollout_seconds"] for r in train]
+    return {**grpo_steady(times, rollout, tokens, warmup), "peak_rss_gb": rss, "tool": "mlx-dpo"}
+
+
+def compare_grpo(args, sentences: list[str], python: Optional[Path]) -> None:
+    prompts = grpo_prompts(sentences, GRPO_SHAPE["prompts"] * args.grpo_steps * 2)
+    table = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "data").mkdir()
+        (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in prompts))
+        for tool in args.tools.split(","):
+            print(f"[compare_trl] GRPO: {tool}, {args.grpo_steps} steps", flush=True)
+            if tool == "trl":
+                table.append(run_trl_grpo(python, args.model, work / "data" / "train.jsonl", args.grpo_steps, args.warmup, work))
+            else:
+                table.append(run_mlx_grpo(args.model, work / "data", args.grpo_steps, args.warmup, work))
+    print("\n| GRPO | steps timed | completion tokens a step | median step (s) | median rollout (s) | median rest (s) | "
+          "completion tokens/s | peak RSS (GB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['tool']} | {r['steps_timed']} | {r['tokens_per_step']:.0f} | {r['median_step_s']:.2f} | "
+              f"{r['median_rollout_s']:.2f} | {r['median_rest_s']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} |")
+    rows = {("TRL" if r["tool"].startswith("TRL") else r["tool"]): r for r in table}
+    if "TRL" in rows and "mlx-dpo" in rows:
+        t, m = rows["TRL"], rows["mlx-dpo"]
+        print(f"GRPO: mlx-dpo / TRL completion tokens/s {m['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
+              f"peak RSS {m['peak_rss_gb'] / t['peak_rss_gb']:.2f}x")
+
+
 def mlx_order_and_init(model: str, data_dir: Path, steps: int, work: Path) -> tuple[list[int], Path, Path]:
     """mlx-dpo's first ``steps`` batches (pair indices, in its seeded order) and its LoRA initialisation,
     saved in mlx-lm's layout (to resume from) and in PEFT's (for TRL)."""
@@ -294,6 +430,8 @@ def main() -> None:
     p.add_argument("--trl-venv", default=str(ROOT / "benchmarks" / ".trl-venv"))
     p.add_argument("--tools", default="trl,mlx", help="Which tools to run (trl, mlx or both).")
     p.add_argument("--mlx-variants", default="default", help="mlx-dpo settings to run: " + ", ".join(VARIANTS))
+    p.add_argument("--methods", default="dpo", help="dpo, grpo or both (dpo,grpo).")
+    p.add_argument("--grpo-steps", type=int, default=6, help="GRPO steps per tool.")
     p.add_argument("--parity", action="store_true", help="Compare per-step losses on the same batches instead of speed.")
     p.add_argument("--parity-lr", type=float, default=1.0, help="SGD learning rate of --parity.")
     args = p.parse_args()
@@ -303,6 +441,13 @@ def main() -> None:
     python = trl_python(Path(args.trl_venv)) if "trl" in args.tools else None
     if args.parity:
         return parity(args, sentences, python)
+    if "grpo" in args.methods.split(","):
+        compare_grpo(args, sentences, python)
+    if "dpo" in args.methods.split(","):
+        compare_dpo(args, sentences, python)
+
+
+def compare_dpo(args, sentences: list[str], python: Optional[Path]) -> None:
     table = []
     for shape in args.shapes.split(","):
         pairs = make_pairs(sentences, shape, 2 * args.steps)

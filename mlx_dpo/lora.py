@@ -128,8 +128,10 @@ def cpu_plan(args: types.SimpleNamespace, vocab_size: int) -> Iterator[Forward]:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     chunk = args.logits_chunk_size if args.logits_chunk_size is not None else auto_chunk_size(vocab_size)
-    how = Forward(chunk, tuple(cpu_stream(i) for i in range(n)) if n > 1 else (), pack_head=not step)
-    with blas_threads(max(1, blas_budget(processes) // n)) as threads:
+    budget = blas_budget(processes)
+    how = Forward(chunk, tuple(cpu_stream(i) for i in range(n)) if n > 1 else (), pack_head=not step,
+                  sampling_threads=budget if on_cpu and n > 1 else 0)
+    with blas_threads(max(1, budget // n)) as threads:
         if on_cpu:
             each = f" (BLAS: {threads} thread{'s' if threads != 1 else ''}{' each' if n > 1 else ''})" if threads else ""
             where = f"each batch's rows split over {n} parallel streams" if n > 1 else "one stream"

@@ -322,10 +322,10 @@ def find_reward_funcs(method: Method, args: Any) -> list:
     return funcs
 
 
-def sampling_params(args: Any) -> SamplingParams:
-    """How every method that samples draws its completions."""
+def sampling_params(args: Any, how: Forward) -> SamplingParams:
+    """How every method that samples draws its completions (with the run's sampling threads)."""
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p or 0.0, max_tokens=args.max_completion_length)
+                          min_p=args.min_p or 0.0, max_tokens=args.max_completion_length, threads=how.sampling_threads)
 
 
 def objective(args: Any) -> Objective:
@@ -380,14 +380,14 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
     token_ref = token_reference(model, loaded.reference_model, 1.0, how) if loaded.terms and method.reference else None
     loss_fn = pair_loss_fn(obj, reference, how, loaded.terms, token_ref, sampled=method.name == "online_dpo")
     if method.name == "online_dpo":
-        pair_args = OnlineDPOArgs(sampling=sampling_params(args), reward_weights=args.reward_weights,
+        pair_args = OnlineDPOArgs(sampling=sampling_params(args, how), reward_weights=args.reward_weights,
                                   missing_eos_penalty=args.missing_eos_penalty, share_prefix=share)
         batches = make_pair_rollout_source(model, loaded.tokenizer, loaded.reward_funcs, pair_args)
     rounds = None
     if method.name == "iterative_dpo":
         round_args = RoundArgs(
             rounds=args.rounds, samples_per_prompt=args.samples_per_prompt, pair_selection=args.pair_selection,
-            sampling=sampling_params(args), reward_weights=args.reward_weights, missing_eos_penalty=args.missing_eos_penalty,
+            sampling=sampling_params(args, how), reward_weights=args.reward_weights, missing_eos_penalty=args.missing_eos_penalty,
             batch_size=args.batch_size, seed=args.seed, prompts_per_round=args.prompts_per_round,
             epochs_per_round=args.epochs_per_round, reference_update=args.reference_update,
             max_seq_length=args.max_seq_length, folder=Path(args.adapter_path))
@@ -398,7 +398,7 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
 def _grpo_parts(args: Any, loaded: Loaded, share: bool) -> Parts:
     grpo = GRPOArgs(
         num_generations=args.num_generations, num_iterations=args.num_iterations,
-        grad_accumulation_steps=args.grad_accumulation_steps, sampling=sampling_params(args),
+        grad_accumulation_steps=args.grad_accumulation_steps, sampling=sampling_params(args, loaded.how),
         reward_weights=args.reward_weights, scale_rewards=args.scale_rewards,
         mask_truncated_completions=args.mask_truncated_completions, beta=args.beta, loss_type=args.loss_type,
         epsilon=args.epsilon, epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,

@@ -33,11 +33,15 @@ class Forward:
     ``streams``: the CPU streams a batch's rows are split over (none or one: the default stream).
     ``pack_head``: project only response positions onto the vocabulary (``logps.packed_logps``);
     it reads the mask on the host, so only for uncompiled steps.
+    ``sampling_threads``: BLAS threads while the policy samples (0: as for training); a run that
+    splits its rows over CPU streams trains with fewer threads per stream than sampling, one
+    stream, can use.
     """
 
     chunk_size: int = 0
     streams: tuple = ()
     pack_head: bool = False
+    sampling_threads: int = 0
 
 
 PLAIN = Forward()

@@ -26,6 +26,7 @@ compute, never correctness. Randomness is MLX's global state (seed it first).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..compute.forward import eval_mode
+from ..compute.streams import blas_threads
 
 PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the prefill's memory
 
@@ -49,6 +51,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     min_p: float = 0.0  # 0 = off
     max_tokens: int = 256  # max completion length
+    threads: int = 0  # BLAS threads while sampling (0: as the run set them); what is drawn does not depend on it
 
 
 @dataclass
@@ -216,7 +219,7 @@ def sample_groups(
     eos = frozenset(int(t) for t in eos_ids)
     sampler = make_sampler(params)
     result: list[Completion | None] = [None] * (len(prompts) * G)
-    with eval_mode(model):
+    with eval_mode(model), blas_threads(params.threads) if params.threads else contextlib.nullcontext():
         for chunk, row_batches in _batches([len(p) for p in prompts], G, max_batch):
             cache = _prefill(model, [list(prompts[i]) for i in chunk])
             for b, rows in enumerate(row_batches):

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load
 
+from mlx_dpo._platform import blas
+from mlx_dpo.compute.streams import blas_threads
 from mlx_dpo.online.rollout import Completion, SamplingParams, sample_groups
 
 # Different lengths, one of them a lone token (an empty prefill).
@@ -193,3 +195,22 @@ def test_rejects_bad_arguments(model):
         sample_groups(model, [[1], []], 2, SamplingParams(), [])
     with pytest.raises(ValueError):
         sample_groups(model, [[1]], 2, SamplingParams(top_p=0.0), [])
+
+
+def test_sampling_threads_draw_the_same_tokens_and_are_restored(tiny_model_path, monkeypatch):
+    """``SamplingParams.threads``: the BLAS runs with that many threads while sampling (a run
+    training on 2 streams of 1 thread samples on all cores), the same tokens come out, and the
+    count the run had is back afterwards."""
+    model, tok = load(str(tiny_model_path))
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    if blas.get_threads() is None:
+        pytest.skip("the BLAS in use is not one mlx-dpo sets threads for")
+    asked, set_threads = [], blas.set_threads
+    monkeypatch.setattr(blas, "set_threads", lambda n: asked.append(n) or set_threads(n))
+    with blas_threads(1):
+        runs = []
+        for threads in (0, 2):
+            mx.random.seed(7)
+            runs.append([c.token_ids for c in sample_groups(model, prompts, 3, SamplingParams(temperature=1.0, max_tokens=12, threads=threads), [])])
+            assert blas.get_threads() == 1
+    assert runs[0] == runs[1] and asked[:3] == [1, 2, 1]  # the block's 1, sampling's 2, the 1 restored
