@@ -2,6 +2,7 @@
 
     python benchmarks/compare_trl.py [--model DIR] [--steps 12] [--shapes long,short] [--trl-venv DIR]
     python benchmarks/compare_trl.py --methods grpo [--grpo-steps 6]     # GRPO only
+    python benchmarks/compare_trl.py --methods grpo --tools trl,mlx,mlx-lm-lora   # with mlx-lm-lora's GRPO too
 
 Both tools train DPO (sigmoid loss, beta 0.1) with LoRA rank 8, alpha 16 (mlx-lm's ``scale``
 2.0) on every linear layer of the model, in float32 on the CPU, 2 pairs a step, sequences cut at
@@ -142,6 +143,52 @@ trainer.train()
 print(json.dumps({"times": times, "rollout": rollout[:len(times)], "tokens": sampled[:len(times)],
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "version": __import__("trl").__version__}))
+'''
+
+# GRPO with mlx-lm-lora (its own venv, --mlx-lm-lora-venv): its train_grpo on the same prompts as
+# plain text, group, length, temperature 1 (top-p and top-k off), beta 0, LoRA and reward. Its
+# sampling (generate_grpo) is timed by a wrapper, as TRL's is.
+MLX_LM_LORA_GRPO_SCRIPT = r'''
+import json, resource, sys, time
+import mlx.core as mx
+import mlx.optimizers as optim
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load
+import mlx_lm_lora
+import mlx_lm_lora.trainer.grpo_trainer as grpo
+from mlx_lm_lora.trainer.datasets import GRPODataset
+s = json.loads(sys.argv[1])
+exec(s["reward"])  # def distinct_words(completions, **kw): the same source as the other tools
+def reward(prompts, completions, answer, types=None):
+    return distinct_words(completions)
+mx.random.seed(0)
+model, tok = load(s["model"])
+model.freeze()
+linear_to_lora_layers(model, len(model.layers), {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": s["keys"]})
+rows = [json.loads(line) for line in open(s["data"])]
+data = GRPODataset([{"prompt": r["prompt"], "answer": ""} for r in rows], tok, text_completion_key="prompt")
+times, rollout, sampled = [], [], []
+generate = grpo.generate_grpo
+def timed(*a, **kw):
+    t = time.perf_counter()
+    out = generate(*a, **kw)
+    rollout.append(time.perf_counter() - t)
+    sampled.append(sum(len(c) for c in out[0]))
+    return out
+grpo.generate_grpo = timed
+class Timer(TrainingCallback):
+    def on_train_loss_report(self, info):
+        times.append(1.0 / info["iterations_per_second"])
+args = grpo.GRPOTrainingArgs(batch_size=s["prompts"], group_size=s["group"], max_completion_length=s["max_tokens"],
+                             iters=s["steps"], steps_per_report=1, steps_per_eval=10**6, steps_per_save=10**6, val_batches=0,
+                             beta=0.0, temperature=1.0, top_p=1.0, top_k=0, adapter_file=s["out"] + "/adapters.safetensors",
+                             max_seq_length=512)
+grpo.train_grpo(model=model, ref_model=None, tokenizer=tok, optimizer=optim.Adam(learning_rate=1e-6), train_dataset=data,
+                val_dataset=None, reward_funcs=[reward], args=args, training_callback=Timer())
+print(json.dumps({"times": times, "rollout": rollout[:len(times)], "tokens": sampled[:len(times)],
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                  "version": mlx_lm_lora.__version__}))
 '''
 
 # The cheap reward both tools call in GRPO (its source runs in TRL's process, and as a file for mlx-dpo).
@@ -294,6 +341,18 @@ def run_trl_grpo(python: Path, model: str, data: Path, steps: int, warmup: int, 
             "tool": f"TRL {out['version']}"}
 
 
+def run_mlx_lm_lora_grpo(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
+    (work / "mlx-lm-lora").mkdir(exist_ok=True)
+    settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "mlx-lm-lora"), "reward": GRPO_REWARD,
+                "keys": LORA_KEYS, **GRPO_SHAPE}
+    done = subprocess.run([str(python), "-c", MLX_LM_LORA_GRPO_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"mlx-lm-lora GRPO failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**grpo_steady(out["times"], out["rollout"], out["tokens"], warmup), "peak_rss_gb": out["peak_rss_gb"],
+            "tool": f"mlx-lm-lora {out['version']}"}
+
+
 def grpo_steady(times: list[float], rollout: list[float], tokens: list[float], warmup: int) -> dict:
     """Medians of step, rollout and the rest over the steps after the warm-up; completion tokens over their time."""
     k = warmup if len(times) > warmup else 0
@@ -339,6 +398,14 @@ def compare_grpo(args, sentences: list[str], python: Optional[Path]) -> None:
             print(f"[compare_trl] GRPO: {tool}, {args.grpo_steps} steps", flush=True)
             if tool == "trl":
                 table.append(run_trl_grpo(python, args.model, work / "data" / "train.jsonl", args.grpo_steps, args.warmup, work))
+            elif tool == "mlx-lm-lora":
+                lora_python = Path(args.mlx_lm_lora_venv) / "bin" / "python"
+                if not lora_python.exists():
+                    print(f"[compare_trl] no {lora_python}: mlx-lm-lora left out (make it: python -m venv {args.mlx_lm_lora_venv} && "
+                          f"{args.mlx_lm_lora_venv}/bin/pip install mlx-lm-lora 'mlx[cpu]')", flush=True)
+                    continue
+                table.append(run_mlx_lm_lora_grpo(lora_python, args.model, work / "data" / "train.jsonl", args.grpo_steps,
+                                                  args.warmup, work))
             else:
                 table.append(run_mlx_grpo(args.model, work / "data", args.grpo_steps, args.warmup, work))
     print("\n| GRPO | steps timed | completion tokens a step | median step (s) | median rollout (s) | median rest (s) | "
@@ -347,11 +414,10 @@ def compare_grpo(args, sentences: list[str], python: Optional[Path]) -> None:
     for r in table:
         print(f"| {r['tool']} | {r['steps_timed']} | {r['tokens_per_step']:.0f} | {r['median_step_s']:.2f} | "
               f"{r['median_rollout_s']:.2f} | {r['median_rest_s']:.2f} | {r['tokens_per_s']:.1f} | {r['peak_rss_gb']:.2f} |")
-    rows = {("TRL" if r["tool"].startswith("TRL") else r["tool"]): r for r in table}
-    if "TRL" in rows and "mlx-dpo" in rows:
-        t, m = rows["TRL"], rows["mlx-dpo"]
-        print(f"GRPO: mlx-dpo / TRL completion tokens/s {m['tokens_per_s'] / t['tokens_per_s']:.2f}x, "
-              f"peak RSS {m['peak_rss_gb'] / t['peak_rss_gb']:.2f}x")
+    mine = next((r for r in table if r["tool"] == "mlx-dpo"), None)
+    for other in (r for r in table if r["tool"] != "mlx-dpo" and mine is not None):
+        print(f"GRPO: mlx-dpo / {other['tool']} completion tokens/s {mine['tokens_per_s'] / other['tokens_per_s']:.2f}x, "
+              f"peak RSS {mine['peak_rss_gb'] / other['peak_rss_gb']:.2f}x")
 
 
 def mlx_order_and_init(model: str, data_dir: Path, steps: int, work: Path) -> tuple[list[int], Path, Path]:
@@ -428,7 +494,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2, help="Steps left out of the steady figures.")
     p.add_argument("--shapes", default="long,short")
     p.add_argument("--trl-venv", default=str(ROOT / "benchmarks" / ".trl-venv"))
-    p.add_argument("--tools", default="trl,mlx", help="Which tools to run (trl, mlx or both).")
+    p.add_argument("--tools", default="trl,mlx", help="Which tools to run: trl, mlx, and for GRPO mlx-lm-lora.")
+    p.add_argument("--mlx-lm-lora-venv", default=str(ROOT / "benchmarks" / ".mlx-lm-lora-venv"),
+                   help="A venv with mlx-lm-lora installed (for --tools ...,mlx-lm-lora).")
     p.add_argument("--mlx-variants", default="default", help="mlx-dpo settings to run: " + ", ".join(VARIANTS))
     p.add_argument("--methods", default="dpo", help="dpo, grpo or both (dpo,grpo).")
     p.add_argument("--grpo-steps", type=int, default=6, help="GRPO steps per tool.")
