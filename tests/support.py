@@ -4,6 +4,7 @@ short CLI run most training tests start from, and an offline objective's loss by
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
@@ -65,6 +66,29 @@ def adapted_model(path, kind: str = "lora", seed: int = 0):
         if "lora_b" in m:
             m.lora_b = mx.random.normal(m.lora_b.shape) * 0.05
     return model
+
+
+def random_pairs(n: int, seed: int = 0):
+    """``n`` pairs of token ids from the tiny vocabulary: prompts of 3-9 tokens (longer than the
+    test architectures' sliding windows of 4), answers of 1-7."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        prompt = rng.integers(3, 500, rng.integers(3, 10)).tolist()
+        out.append(tuple((prompt + rng.integers(3, 500, rng.integers(1, 8)).tolist(), len(prompt)) for _ in range(2)))
+    return out
+
+
+def numpy_pair_logps(model, examples):
+    """Per-row summed response log-probs in float64 (chosen rows, then rejected): log-softmax of
+    the whole sequence's logits."""
+    out = []
+    for toks, start in [ex[k] for k in range(2) for ex in examples]:
+        logits = np.array(model(mx.array([toks[:-1]]))[0], dtype=np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        out.append(sum(logp[j - 1, toks[j]] for j in range(start, len(toks))))
+    return np.array(out)
 
 
 def make_loss(loss_type, reference=None, *, how=PLAIN, loss_weights=None, beta=0.1, label_smoothing=0.0,

@@ -26,7 +26,7 @@ from mlx_dpo.compute.logps import HEAD_OUTPUT, split_head
 from mlx_dpo.compute.reference import make_reference
 from mlx_dpo.compute.streams import cpu_stream
 from mlx_dpo.online.rollout import SamplingParams, rollout_problem, sample_groups
-from tests.support import ARCHITECTURES, make_loss, tiny_architecture
+from tests.support import ARCHITECTURES, make_loss, numpy_pair_logps, random_pairs, tiny_architecture
 
 FAMILIES = list(ARCHITECTURES)
 # Each fast path a run may choose: (chunk_size, CPU streams, packed head).
@@ -54,33 +54,12 @@ def adapted():
     return get
 
 
-def pairs(n: int, seed: int = 0):
-    """``n`` pairs, prompts of 3-9 tokens (longer than the sliding windows of 4), answers of 1-7."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        prompt = rng.integers(3, 500, rng.integers(3, 10)).tolist()
-        out.append(tuple((prompt + rng.integers(3, 500, rng.integers(1, 8)).tolist(), len(prompt)) for _ in range(2)))
-    return out
-
-
-def numpy_logps(model, examples):
-    """Per-row summed response log-probs in float64: log-softmax of the whole sequence's logits."""
-    out = []
-    for toks, start in [ex[k] for k in range(2) for ex in examples]:
-        logits = np.array(model(mx.array([toks[:-1]]))[0], dtype=np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        out.append(sum(logp[j - 1, toks[j]] for j in range(start, len(toks))))
-    return np.array(out)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_log_probs_on_every_path_are_float64_numpy_of_the_models_logits(adapted, family):
     model = adapted(family)
     assert family in HEAD_OUTPUT and split_head(model) is not None  # the fast head claims every family here
-    examples = pairs(4)
-    want = numpy_logps(model, examples)
+    examples = random_pairs(4)
+    want = numpy_pair_logps(model, examples)
     for name, how in {"plain": PLAIN, **PATHS}.items():
         got, _ = sequence_logps(model, pad_batch(examples), how)
         np.testing.assert_allclose(np.array(got), want, rtol=1e-5, atol=2e-4, err_msg=f"{family}: {name}")
@@ -103,7 +82,7 @@ def test_dpo_and_kto_losses_and_gradients_equal_the_plain_path_on_every_fast_pat
         assert problem.startswith("its attention layers do not take a shared prompt's cache (ValueError"), problem
     else:
         assert problem is None, problem
-    examples = pairs(4, seed=1)
+    examples = random_pairs(4, seed=1)
     for loss_type in ("dpo", "kto"):
         batches = {"plain": pad_batch(examples), "shared": pad_batch(examples, share_prefix=True)}
         for b in batches.values():

@@ -36,7 +36,7 @@ from mlx_dpo.compute.streams import (
 from mlx_dpo.config import ConfigError, load_config
 from mlx_dpo.lora import run
 from mlx_dpo.train.metrics_log import read_metrics
-from tests.support import adapted_model, make_loss
+from tests.support import adapted_model, make_loss, numpy_pair_logps, random_pairs
 
 
 def plan(n: int, pack: bool = False) -> Forward:
@@ -49,35 +49,13 @@ def model(tiny_model_path):
     return adapted_model(tiny_model_path)
 
 
-def pairs(n: int, seed: int = 0):
-    """``n`` pairs with prompts of 3-9 tokens and answers of 1-7, ids from the tiny vocabulary."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        prompt = rng.integers(3, 500, rng.integers(3, 10)).tolist()
-        out.append(tuple((prompt + rng.integers(3, 500, rng.integers(1, 8)).tolist(), len(prompt)) for _ in range(2)))
-    return out
-
-
-def numpy_logps(model, examples):
-    """Per-row summed response log-probs in float64: log-softmax of the whole sequence's logits."""
-    seqs = [ex[k] for k in range(2) for ex in examples]
-    out = []
-    for toks, start in seqs:
-        logits = np.array(model(mx.array([toks[:-1]]))[0], dtype=np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        out.append(sum(logp[j - 1, toks[j]] for j in range(start, len(toks))))
-    return np.array(out)
-
-
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("n, pack", [(2, False), (1, True), (2, True)])
 def test_streams_and_packed_heads_give_float64_numpy_log_probs_in_the_batch_order(model, share, n, pack):
-    examples = pairs(5)
+    examples = random_pairs(5)
     batch = pad_batch(examples, share_prefix=share)
     assert is_shared(batch) == share
-    want = numpy_logps(model, examples)
+    want = numpy_pair_logps(model, examples)
     logps, ntoks = sequence_logps(model, batch, plan(n, pack))
     np.testing.assert_allclose(np.array(logps), want, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.array(ntoks), [len(t) - s for k in range(2) for t, s in (ex[k] for ex in examples)])
@@ -85,7 +63,7 @@ def test_streams_and_packed_heads_give_float64_numpy_log_probs_in_the_batch_orde
 
 @pytest.mark.parametrize("share", [False, True])
 def test_loss_and_gradients_on_two_streams_and_packed_equal_one_stream(model, share):
-    batch = pad_batch(pairs(4, seed=1), share_prefix=share)
+    batch = pad_batch(random_pairs(4, seed=1), share_prefix=share)
     results = []
     for n, pack in ((1, False), (2, True)):
         how = plan(n, pack)
@@ -106,7 +84,7 @@ def test_loss_and_gradients_on_two_streams_and_packed_equal_one_stream(model, sh
 
 @pytest.mark.parametrize("share", [False, True])
 def test_token_log_probs_and_entropies_on_two_streams_equal_one_stream(model, share):
-    batch = pad_batch(pairs(3, seed=2), share_prefix=share)
+    batch = pad_batch(random_pairs(3, seed=2), share_prefix=share)
     got = []
     for n in (1, 2):
         logps, entropy, mask = sequence_token_logps(model, batch, plan(n), temperature=0.7, with_entropy=True)
@@ -135,7 +113,7 @@ def test_shared_batches_split_by_prompt_and_return_rows_in_their_order():
 
 
 def test_plain_batches_split_into_balanced_groups_cut_to_their_longest_row():
-    batch = pad_batch(pairs(3))
+    batch = pad_batch(random_pairs(3))
     lengths = np.array(batch["lengths"])
     parts = split_rows(batch, 2)
     assert sorted(np.concatenate([rows for _, rows in parts]).tolist()) == list(range(6))
@@ -146,8 +124,8 @@ def test_plain_batches_split_into_balanced_groups_cut_to_their_longest_row():
         assert sub["logits_from"] == batch["logits_from"]
     # Per-position results keep the batch's width.
     assert all(sub["tokens"].shape[1] == batch["tokens"].shape[1] for sub, _ in split_rows(batch, 2, trim=False))
-    assert split_rows(pad_batch(pairs(1)), 3) is None  # two rows cannot make three parts
-    assert split_rows(pad_batch(pairs(1), share_prefix=True), 2) is None  # one prompt: nothing to split
+    assert split_rows(pad_batch(random_pairs(1)), 3) is None  # two rows cannot make three parts
+    assert split_rows(pad_batch(random_pairs(1), share_prefix=True), 2) is None  # one prompt: nothing to split
 
 
 def test_balanced_groups_minimise_the_slowest_group():
