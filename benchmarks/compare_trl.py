@@ -67,6 +67,7 @@ VARIANTS = {
     "compiled-pad32": {"compile": True, "cpu_streams": 1, "pad_to_multiple": 32},
     "one-stream": {"cpu_streams": 1},
 }
+USE_CPU = [True]  # --device: TRL on the CPU, or on CUDA (mlx-dpo uses MLX's default device either way)
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -107,7 +108,7 @@ class Counting(DPOTrainer):
         return super().training_step(model, inputs, *a, **kw)
 
 cfg = DPOConfig(output_dir=s["out"], per_device_train_batch_size=2, max_steps=s["steps"], learning_rate=5e-6,
-                beta=0.1, max_length=256, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                beta=0.1, max_length=256, logging_steps=1, save_strategy="no", report_to=[], use_cpu=s.get("use_cpu", True),
                 gradient_checkpointing=False, seed=0, bf16=False, fp16=False, dataloader_num_workers=0)
 trainer = Counting(model=model, args=cfg, train_dataset=data, processing_class=tok, peft_config=peft, callbacks=[Timer()])
 trainer.train()
@@ -135,7 +136,7 @@ class Timed(GRPOTrainer):
 
 cfg = GRPOConfig(output_dir=s["out"], per_device_train_batch_size=s["prompts"] * s["group"], num_generations=s["group"],
                  max_completion_length=s["max_tokens"], temperature=1.0, beta=0.0, learning_rate=1e-6, max_steps=s["steps"],
-                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=False, fp16=False,
+                 logging_steps=1, save_strategy="no", report_to=[], use_cpu=s.get("use_cpu", True), seed=0, bf16=False, fp16=False,
                  dataloader_num_workers=0, gradient_checkpointing=False)
 trainer = Timed(model=model, args=cfg, train_dataset=data, processing_class=tok, reward_funcs=[distinct_words],
                 peft_config=peft, callbacks=[Timer()])
@@ -233,7 +234,7 @@ class InOrder(DPOTrainer):
 
 cfg = DPOConfig(output_dir=s["out"], per_device_train_batch_size=2, max_steps=s["steps"], learning_rate=s["lr"], optim="sgd",
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, beta=0.1,
-                max_length=256, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                max_length=256, logging_steps=1, save_strategy="no", report_to=[], use_cpu=s.get("use_cpu", True), seed=0,
                 bf16=False, fp16=False, dataloader_num_workers=0)
 trainer = InOrder(model=model, args=cfg, train_dataset=data, processing_class=tok)
 trainer.train()
@@ -288,7 +289,7 @@ def steady(times: list[float], tokens: list[float], warmup: int) -> dict:
 
 
 def run_trl(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
-    settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "trl")}
+    settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "trl"), "use_cpu": USE_CPU[0]}
     done = subprocess.run([str(python), "-c", TRL_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"TRL failed:\n{done.stderr[-3000:]}")
@@ -332,7 +333,7 @@ GRPO_SHAPE = {"prompts": 2, "group": 4, "max_tokens": 32}
 
 def run_trl_grpo(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
     settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "trl-grpo"), "reward": GRPO_REWARD,
-                **GRPO_SHAPE}
+                "use_cpu": USE_CPU[0], **GRPO_SHAPE}
     done = subprocess.run([str(python), "-c", TRL_GRPO_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"TRL GRPO failed:\n{done.stderr[-3000:]}")
@@ -498,6 +499,8 @@ def main() -> None:
     p.add_argument("--mlx-lm-lora-venv", default=str(ROOT / "benchmarks" / ".mlx-lm-lora-venv"),
                    help="A venv with mlx-lm-lora installed (for --tools ...,mlx-lm-lora).")
     p.add_argument("--mlx-variants", default="default", help="mlx-dpo settings to run: " + ", ".join(VARIANTS))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="Where TRL runs (cuda: torch's GPU; mlx-dpo takes MLX's default device, the GPU with mlx[cuda12]).")
     p.add_argument("--methods", default="dpo", help="dpo, grpo or both (dpo,grpo).")
     p.add_argument("--grpo-steps", type=int, default=6, help="GRPO steps per tool.")
     p.add_argument("--parity", action="store_true", help="Compare per-step losses on the same batches instead of speed.")
@@ -505,6 +508,7 @@ def main() -> None:
     args = p.parse_args()
     if unknown := set(args.mlx_variants.split(",")) - set(VARIANTS):
         p.error(f"unknown --mlx-variants {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
+    USE_CPU[0] = args.device == "cpu"
     sentences = review_sentences()
     python = trl_python(Path(args.trl_venv)) if "trl" in args.tools else None
     if args.parity:
