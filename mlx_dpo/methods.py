@@ -18,6 +18,7 @@ the package asks ``loss_type``, ``online``, ``rounds`` or ``rl`` which method ru
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -310,15 +311,14 @@ def find_reward_funcs(method: Method, args: Any) -> list:
     options = {"max_completion_length": args.max_completion_length, "overlong_buffer": args.overlong_buffer}
     try:
         funcs = load_reward_funcs(args.reward_funcs, user_code_dirs(args), options) if args.reward_funcs else []
-        for path in models:
-            scorer, taken = load_reward_model(path, args.batch_size), {name for name, _ in funcs}
-            name = next(n for n in (scorer.__name__, *(f"{scorer.__name__}_{k}" for k in range(2, 99))) if n not in taken)
-            funcs.append((name, scorer))
+        scorers = [load_reward_model(path, args.batch_size) for path in models]
     except RewardError as e:
         raise ConfigError(str(e)) from None
-    if args.judge:
-        judge = make_judge(args.judge)
-        funcs.append((judge.__name__ if judge.__name__ not in dict(funcs) else f"{judge.__name__}_2", judge))
+    for scorer in scorers + ([make_judge(args.judge)] if args.judge else []):
+        taken = {name for name, _ in funcs}  # a name already used gets _2, _3, ...
+        names = itertools.chain([scorer.__name__], (f"{scorer.__name__}_{k}" for k in itertools.count(2)))
+        name = next(n for n in names if n not in taken)
+        funcs.append((name, scorer))
     return funcs
 
 

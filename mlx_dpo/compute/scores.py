@@ -41,10 +41,6 @@ def add_score_head(model: nn.Module, seed: int = 0) -> None:
     setattr(model, SCORE, head)
 
 
-def has_score_head(model: nn.Module) -> bool:
-    return SCORE in model
-
-
 def sequence_scores(model: nn.Module, tokens: mx.array, lengths: mx.array) -> mx.array:
     """(N,) float32 score of each right-padded row of ``tokens`` at its last real token (``lengths - 1``)."""
     body, _ = split_head(model)

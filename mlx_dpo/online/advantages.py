@@ -19,7 +19,7 @@ Completions every reward abstained on get A = 0 and take no part in any statisti
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -66,12 +66,7 @@ def group_advantages(
     std = np.full_like(group_std, batch_std) if scale_rewards == "batch" else group_std
     adv = centred if scale_rewards == "none" else centred / (np.nan_to_num(std, nan=0.0) + 1e-4)
     zero = np.isclose(np.nan_to_num(std, nan=1.0), 0.0, rtol=0.0, atol=1e-8)
-    stats = {
-        "reward": float(flat.mean()) if flat.size else 0.0,
-        "reward_std": float(flat.std(ddof=1)) if flat.size > 1 else 0.0,
-        "frac_reward_zero_std": float(np.broadcast_to(zero, r.shape).mean()),
-    }
-    return adv.reshape(-1), stats
+    return adv.reshape(-1), _reward_stats(r, zero)
 
 
 def _reward_stats(r: np.ndarray, zero_std: np.ndarray) -> dict[str, float]:
@@ -116,7 +111,7 @@ def rloo_advantages(rewards: np.ndarray, num_generations: int, normalize: bool =
     r, _, _, _, zero = _group_parts(rewards, num_generations)
     adv = rloo_raw(rewards, num_generations)
     if normalize:
-        mean, std = batch_moments if batch_moments is not None else plain_moments(adv)
+        mean, std = batch_moments if batch_moments is not None else moments(adv)
         adv = (adv - mean) / (std + 1e-4)
     return np.nan_to_num(adv, nan=0.0), _reward_stats(r, zero)
 
@@ -124,26 +119,27 @@ def rloo_advantages(rewards: np.ndarray, num_generations: int, normalize: bool =
 def reinforce_pp_advantages(rewards: np.ndarray, num_generations: int, token_counts: np.ndarray,
                             batch_moments: Optional[tuple[float, float]] = None) -> tuple[np.ndarray, dict[str, float]]:
     """REINFORCE++-baseline advantages (see the module text); ``token_counts`` (N,) are the
-    completions' trained tokens, ``batch_moments`` the token-weighted ``(mean, variance)`` of
+    completions' trained tokens, ``batch_moments`` the token-weighted ``(mean, std)`` of
     ``group_centred`` over all ranks, computed here when not given."""
     r, _, _, _, zero = _group_parts(rewards, num_generations)
     centred = group_centred(rewards, num_generations)
-    mean, var = batch_moments if batch_moments is not None else token_moments(centred, token_counts)
-    adv = (centred - mean) / np.sqrt(max(var, 1e-8))
+    mean, std = batch_moments if batch_moments is not None else moments(centred, token_counts, bessel=False)
+    adv = (centred - mean) / np.sqrt(np.fmax(std**2, 1e-8))
     return np.nan_to_num(adv, nan=0.0), _reward_stats(r, zero)
 
 
-def plain_moments(values: np.ndarray) -> tuple[float, float]:
-    """Mean and Bessel std of the non-NaN values (RLOO's batch normalisation)."""
-    ok = values[~np.isnan(values)]
-    return (float(ok.mean()) if ok.size else 0.0), (float(ok.std(ddof=1)) if ok.size > 1 else 0.0)
-
-
-def token_moments(values: np.ndarray, token_counts: np.ndarray) -> tuple[float, float]:
-    """Token-weighted mean and population variance of the non-NaN per-completion values."""
+def moments(values: np.ndarray, weights: Optional[np.ndarray] = None, bessel: bool = True,
+            reduce: Callable[[np.ndarray], np.ndarray] = np.asarray) -> tuple[float, float]:
+    """Weighted mean and std of the non-NaN values (unit weights by default): Bessel's std, or the
+    population std. ``reduce`` sums a vector of partial sums over all ranks (one rank: as it is);
+    two passes, the mean first and then the squared deviations, so float32 sums keep their
+    precision. The std is NaN below two values (Bessel) or without weight."""
     ok = ~np.isnan(values)
-    w, v = np.asarray(token_counts, np.float64)[ok], values[ok]
-    if w.sum() <= 0:
-        return 0.0, 0.0
-    mean = float((w * v).sum() / w.sum())
-    return mean, float((w * (v - mean) ** 2).sum() / w.sum())
+    v = values[ok]
+    w = np.ones_like(v) if weights is None else np.asarray(weights, np.float64)[ok]
+    n, wsum, total = reduce(np.array([v.size, w.sum(), (w * v).sum()], np.float64))
+    if wsum <= 0 or (bessel and n < 2):
+        return 0.0, float("nan")
+    mean = total / wsum
+    squares = reduce(np.array([(w * (v - mean) ** 2).sum()], np.float64))[0]
+    return float(mean), float(np.sqrt(squares / (n - 1 if bessel else wsum)))

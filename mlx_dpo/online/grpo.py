@@ -12,6 +12,7 @@ run starts at a generation boundary and samples what an uninterrupted run would 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -27,6 +28,7 @@ from .advantages import (
     combine_rewards,
     group_advantages,
     group_centred,
+    moments,
     reinforce_pp_advantages,
     rloo_advantages,
     rloo_raw,
@@ -92,40 +94,21 @@ def _stats(completions: list[Completion], rewards: np.ndarray, names: list[str])
     return out
 
 
-def _global_std(rewards: np.ndarray, group: Optional[mx.distributed.Group]) -> float:
-    """Std (Bessel) of the valid rewards over all ranks (``scale_rewards: batch``)."""
-    return _moments(rewards, np.ones_like(rewards), group, bessel=True)[1]
-
-
-def _moments(values: np.ndarray, weights: np.ndarray, group: Optional[mx.distributed.Group], bessel: bool) -> tuple[float, float]:
-    """Weighted mean and std of the non-NaN values over all ranks, in two passes (the mean first,
-    then the squared deviations, so float32 sums keep their precision): Bessel's std of unit
-    weights, or the population std. NaN std below two values (Bessel)."""
-    ok = ~np.isnan(values)
-    v, w = values[ok], np.asarray(weights, np.float64)[ok]
-    n, wsum, total = all_sum(np.array([v.size, w.sum(), (w * v).sum()]), group)
-    if wsum <= 0 or (bessel and n < 2):
-        return 0.0, float("nan")
-    mean = total / wsum
-    squares = all_sum(np.array([(w * (v - mean) ** 2).sum()]), group)[0]
-    return float(mean), float(np.sqrt(squares / (n - 1 if bessel else wsum)))
-
-
 def advantages_of(combined: np.ndarray, token_counts: np.ndarray, args: GRPOArgs,
                   group: Optional[mx.distributed.Group]) -> tuple[np.ndarray, dict]:
     """This rank's advantages under ``args.advantage_estimator``; batch statistics span all ranks
     (every rank calls this, with or without completions)."""
-    g, empty = args.num_generations, (combined, {})
+    g, reduce = args.num_generations, partial(all_sum, group=group)
     if args.advantage_estimator == "rloo":
-        raw = rloo_raw(combined, g) if combined.size else combined
-        moments = _moments(raw, np.ones_like(raw), group, bessel=True) if args.normalize_advantages else None
-        return rloo_advantages(combined, g, args.normalize_advantages, moments) if combined.size else empty
-    if args.advantage_estimator == "reinforce_pp":
-        centred = group_centred(combined, g) if combined.size else combined
-        mean, std = _moments(centred, token_counts, group, bessel=False)
-        return reinforce_pp_advantages(combined, g, token_counts, (mean, std**2)) if combined.size else empty
-    batch_std = _global_std(combined, group) if args.scale_rewards == "batch" else None
-    return group_advantages(combined, g, args.scale_rewards, batch_std) if combined.size else empty
+        batch = moments(rloo_raw(combined, g), reduce=reduce) if args.normalize_advantages else None
+        advantages = partial(rloo_advantages, combined, g, args.normalize_advantages, batch)
+    elif args.advantage_estimator == "reinforce_pp":
+        batch = moments(group_centred(combined, g), token_counts, bessel=False, reduce=reduce)
+        advantages = partial(reinforce_pp_advantages, combined, g, token_counts, batch)
+    else:
+        batch_std = moments(combined, reduce=reduce)[1] if args.scale_rewards == "batch" else None
+        advantages = partial(group_advantages, combined, g, args.scale_rewards, batch_std)
+    return advantages() if combined.size else (combined, {})
 
 
 def make_rollout_source(

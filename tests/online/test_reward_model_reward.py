@@ -9,6 +9,7 @@ import pytest
 
 from mlx_dpo.compute.batching import pad_batch
 from mlx_dpo.compute.scores import sequence_scores
+from mlx_dpo import methods
 from mlx_dpo.config import ConfigError, load_config
 from mlx_dpo.data import build_pairs
 from mlx_dpo.lora import run
@@ -87,3 +88,11 @@ def test_weights_must_count_functions_then_models(tiny_model_path, prompts, rewa
         run(load_config(sampling_run(prompts, tiny_model_path, tmp_path / "y", loss_type="dapo")))
     with pytest.raises(ConfigError, match="is not a reward model's folder"):
         run(load_config(sampling_run(prompts, tiny_model_path, tmp_path / "z", loss_type="dapo", reward_model=str(prompts))))
+
+
+def test_rewards_sharing_a_name_are_told_apart(tiny_model_path, prompts, reward_folder, tmp_path):
+    """The same reward model twice, beside a function: each gets its own metric name (_2 for the repeat)."""
+    args = load_config(sampling_run(prompts, tiny_model_path, tmp_path / "x", loss_type="dapo", reward_funcs=["rewards.length"],
+                                    reward_model=[str(reward_folder), str(reward_folder)]))
+    funcs = methods.find_reward_funcs(methods.choose(args), args)
+    assert [name for name, _ in funcs] == ["length", "review_rm", "review_rm_2"]
