@@ -381,7 +381,8 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
     loss_fn = pair_loss_fn(obj, reference, how, loaded.terms, token_ref, sampled=method.name == "online_dpo")
     if method.name == "online_dpo":
         pair_args = OnlineDPOArgs(sampling=sampling_params(args, how), reward_weights=args.reward_weights,
-                                  missing_eos_penalty=args.missing_eos_penalty, share_prefix=share)
+                                  missing_eos_penalty=args.missing_eos_penalty, share_prefix=share,
+                                  pad_multiple=sampled_padding(args, how))
         batches = make_pair_rollout_source(model, loaded.tokenizer, loaded.reward_funcs, pair_args)
     rounds = None
     if method.name == "iterative_dpo":
@@ -395,6 +396,13 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
     return Parts(loss_fn, batches, sets, rounds)
 
 
+def sampled_padding(args: Any, how: Forward) -> int:
+    """What sampled rows are padded to a multiple of: ``pad_to_multiple``, at least 32 for a compiled
+    step (a new width each batch would trace it again). An uncompiled step computes every padded slot,
+    so padding to the longest row saves it about a third of GRPO's work at short completions."""
+    return args.pad_to_multiple if how.pack_head else max(32, args.pad_to_multiple)
+
+
 def _grpo_parts(args: Any, loaded: Loaded, share: bool) -> Parts:
     grpo = GRPOArgs(
         num_generations=args.num_generations, num_iterations=args.num_iterations,
@@ -403,7 +411,7 @@ def _grpo_parts(args: Any, loaded: Loaded, share: bool) -> Parts:
         mask_truncated_completions=args.mask_truncated_completions, beta=args.beta, loss_type=args.loss_type,
         epsilon=args.epsilon, epsilon_high=args.epsilon_high, importance_sampling_level=args.importance_sampling_level,
         advantage_estimator=args.advantage_estimator, normalize_advantages=args.normalize_advantages,
-        kl_in_reward=args.kl_in_reward, share_prefix=share,
+        kl_in_reward=args.kl_in_reward, share_prefix=share, pad_multiple=sampled_padding(args, loaded.how),
     )
     reference = token_reference(loaded.model, loaded.reference_model, grpo.temperature, loaded.how) if args.beta > 0 else None
     batches = make_rollout_source(loaded.model, loaded.tokenizer, loaded.reward_funcs, grpo, reference, loaded.how)

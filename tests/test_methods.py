@@ -4,6 +4,7 @@ reference runs and what its test counts; the rules that depend on the method are
 import pytest
 
 from mlx_dpo import methods
+from mlx_dpo.compute.forward import Forward
 from mlx_dpo.config import ConfigError, load_config
 
 
@@ -79,3 +80,10 @@ def test_user_code_is_found_beside_the_config_or_on_sys_path_and_named_before_it
     args = load_config(["--model", "m", "--data", "d"], overrides={"online": True, "reward_funcs": ["rw_where.score"]})
     with pytest.raises(ConfigError, match="no module 'rw_where': not a file \\(no folders\\) nor importable"):
         methods.find_reward_funcs(methods.choose(args), args)
+
+
+@pytest.mark.parametrize("pack_head, multiple, expected", [(True, 1, 1), (True, 8, 8), (False, 1, 32), (False, 64, 64)])
+def test_sampled_rows_pad_to_the_longest_unless_the_step_is_compiled(pack_head, multiple, expected):
+    # pack_head is on exactly when the step is not compiled (lora.cpu_plan)
+    args = load_config(["--model", "m", "--data", "d"], overrides={"loss_type": "dapo", "pad_to_multiple": multiple})
+    assert methods.sampled_padding(args, Forward(pack_head=pack_head)) == expected

@@ -67,7 +67,7 @@ class GRPOArgs:
     advantage_estimator: str = "group"  # group (GRPO), rloo, reinforce_pp: see advantages.py
     normalize_advantages: bool = False  # rloo: whiten the advantages over the batch (TRL's RLOOConfig)
     kl_in_reward: bool = False  # beta x the sequence's summed log-ratio to the reference comes off its reward
-    pad_multiple: int = 32  # fewer distinct widths: fewer traces of the compiled step
+    pad_multiple: int = 32  # methods.sampled_padding: 1 for an uncompiled step, 32+ for a compiled one
     share_prefix: bool = False  # each prompt runs once for its G completions (see compute/prefix.py)
 
     @property

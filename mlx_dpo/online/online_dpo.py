@@ -43,7 +43,7 @@ class OnlineDPOArgs:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     reward_weights: Optional[Sequence[float]] = None
     missing_eos_penalty: Optional[float] = None
-    pad_multiple: int = 32  # fewer distinct widths: fewer traces of the compiled step
+    pad_multiple: int = 32  # methods.sampled_padding: 1 for an uncompiled step, 32+ for a compiled one
     share_prefix: bool = False  # each prompt runs once for its two completions (see compute/prefix.py)
 
 
