@@ -13,6 +13,10 @@ of ``--steps`` steps after a warm-up, one process, this machine:
   run's budget (all cores): GRPO's default CPU plan trains with 2 streams of 1 thread each, and
   sampling inherited that;
 - the same without LoRA layers (what a fused model decodes);
+- the step as ``fast_decode`` runs it: the linear layers and the tied head through
+  ``compute/decode_kernel.c`` on weights packed once per rollout (adapters merged), split into
+  the kernel's own time and everything else (MLX's ops between the layers, which the kernel now
+  waits for at every layer: one evaluation per layer input); and the time to pack;
 - parts of the step, each run alone on the same shapes: the linear layers' matmuls (GEMV-like,
   B rows), the LoRA side paths, attention over the cache, norms and element-wise ops, the
   vocabulary head, sampling, and the cache update.
@@ -38,6 +42,7 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
+from mlx_dpo.compute import decode  # noqa: E402
 from mlx_dpo.compute.streams import blas_budget, blas_threads  # noqa: E402
 from mlx_dpo.online.rollout import SamplingParams, _prefill, make_sampler  # noqa: E402
 
@@ -105,6 +110,47 @@ def parts(model, batch: int, context: int, steps: int) -> list[tuple[str, float]
     return out
 
 
+def kernel_rows(model, prompts, batch: int, sampler, steps: int, threads: int, read_ms: float) -> list[tuple]:
+    """The decode step through the packed kernel, the kernel's share of it, and packing."""
+    if decode.load_kernel()[0] is None:
+        return [("decode step, fast_decode kernel", float("nan"), decode.load_kernel()[1])]
+    inside = {"kernel": 0.0}
+    run = decode.Kernel.matmul
+
+    def timed(self, *a, **kw):
+        tic = time.perf_counter()
+        try:
+            return run(self, *a, **kw)
+        finally:
+            inside["kernel"] += time.perf_counter() - tic
+
+    def pack(keep: dict) -> None:
+        with decode.decode_weights(model, True, threads, keep):
+            pass
+
+    keep: dict = {}
+    with blas_threads(threads):
+        pack_first = median_ms(lambda: pack({}), 3)
+        pack_ms = median_ms(lambda: pack(keep), 3)
+        with decode.decode_weights(model, True, threads, keep) as decoding:
+            cache = _prefill(model, prompts)
+            with decoding():
+                decode.Kernel.matmul = timed
+                try:
+                    step = decode_step(model, cache, batch, sampler)
+                    step()
+                    inside["kernel"] = 0.0
+                    ms = median_ms(step, steps)
+                    kernel_ms = 1e3 * inside["kernel"] / (steps + 1)
+                finally:
+                    decode.Kernel.matmul = run
+    return [(f"decode step, fast_decode kernel, {threads} thread(s)", ms, f"{ms / read_ms:.1f}x the bound"),
+            ("  of which the kernel (linear layers and head)", kernel_ms, f"{kernel_ms / read_ms:.1f}x the bound"),
+            ("  of which MLX's ops between layers, sampling, Python", ms - kernel_ms, ""),
+            ("packing the weights (first rollout, fresh memory)", pack_first, ""),
+            ("packing the weights (later rollouts, memory kept)", pack_ms, "")]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "examples" / "real" / "work" / "smollm2-135m-instruct"))
@@ -133,6 +179,7 @@ def main() -> None:
         with blas_threads(threads):
             ms = median_ms(decode_step(merged, _prefill(merged, prompts), args.batch, sampler), args.steps)
         rows.append((f"decode step, no LoRA (merged), BLAS {threads} thread(s)", ms, f"{ms / read_ms:.1f}x the bound"))
+    rows += kernel_rows(model, prompts, args.batch, sampler, args.steps, budget, read_ms)
     with blas_threads(budget):
         rows += [(name, ms, "") for name, ms in parts(model, args.batch, args.context, args.steps)]
     print(f"\n| batch {args.batch}, {args.context} cached tokens | ms | note |\n|---|---|---|")

@@ -24,10 +24,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .compute.batching import iterate_batches
+from .compute.decode import load_kernel
 from .compute.forward import Forward, resolve_prefix_sharing
 from .compute.reference import make_reference, token_reference
 from .errors import ConfigError
@@ -323,9 +325,13 @@ def find_reward_funcs(method: Method, args: Any) -> list:
 
 
 def sampling_params(args: Any, how: Forward) -> SamplingParams:
-    """How every method that samples draws its completions (with the run's sampling threads)."""
+    """How every method that samples draws its completions (with the run's sampling threads).
+    ``fast_decode: auto`` is on for a CPU, where a decode step's BLAS matmuls are far from the
+    memory bandwidth; on a GPU they are not, and the packed copy would only take memory."""
+    fast = args.fast_decode
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                          min_p=args.min_p or 0.0, max_tokens=args.max_completion_length, threads=how.sampling_threads)
+                          min_p=args.min_p or 0.0, max_tokens=args.max_completion_length, threads=how.sampling_threads,
+                          fast_decode=mx.default_device() == mx.cpu if fast == "auto" else fast)
 
 
 def objective(args: Any) -> Objective:
@@ -353,8 +359,13 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
     model, how, sets = loaded.model, loaded.how, loaded.sets
     pad_id = loaded.tokenizer.eos_token_id if loaded.tokenizer.eos_token_id is not None else 0
     share = prefix_sharing(method, args, loaded, say)
-    if method.samples and (problem := rollout_problem(model)) is not None:
+    fast = method.samples and sampling_params(args, loaded.how).fast_decode
+    if method.samples and (problem := rollout_problem(model, fast)) is not None:
         raise ConfigError(f"{method.name} samples from the policy, but {problem}")
+    if fast:
+        kernel, how_built = load_kernel()
+        say(f"[INFO] Sampling: decode steps through mlx-dpo's CPU kernel ({how_built})." if kernel else
+            f"[INFO] Sampling: adapters merged into the weights; the CPU decode kernel is off ({how_built}).")
     batches = partial(iterate_batches, pad_id=pad_id, pad_multiple=args.pad_to_multiple, share_prefix=share)
     if any(ds is not None and "confidence" in getattr(ds, "fields", {}) for ds in sets.values()):
         if not confidence_supported(loss_list(args.loss_type)):

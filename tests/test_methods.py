@@ -1,6 +1,7 @@
 """The one decision: each configuration names one method, with the records it reads, whether a
 reference runs and what its test counts; the rules that depend on the method are one line each."""
 
+import mlx.core as mx
 import pytest
 
 from mlx_dpo import methods
@@ -87,3 +88,14 @@ def test_sampled_rows_pad_to_the_longest_unless_the_step_is_compiled(pack_head, 
     # pack_head is on exactly when the step is not compiled (lora.cpu_plan)
     args = load_config(["--model", "m", "--data", "d"], overrides={"loss_type": "dapo", "pad_to_multiple": multiple})
     assert methods.sampled_padding(args, Forward(pack_head=pack_head)) == expected
+
+
+@pytest.mark.parametrize("value, expected", [("auto", True), (True, True), (False, False)])
+def test_sampling_merges_the_adapters_on_a_cpu_unless_told_not_to(value, expected):
+    args = load_config(["--model", "m", "--data", "d"], overrides={"loss_type": "dapo", "fast_decode": value})
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        assert methods.sampling_params(args, Forward()).fast_decode is expected
+    finally:
+        mx.set_default_device(previous)

@@ -53,6 +53,30 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             model.update_modules(tree_unflatten(adapters))
 
 
+def _mergeable(module: nn.Module) -> bool:
+    """An adapter over a full-precision linear layer (merging into a quantized one would
+    re-quantize the sum and lose most of the adapter)."""
+    return isinstance(_wrapped_base(module), nn.Linear) and callable(getattr(module, "fuse", None))
+
+
+@contextmanager
+def adapters_merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, every LoRA/DoRA layer over a full-precision linear layer is replaced by one
+    linear layer holding the merged weight (mlx-lm's ``fuse``): one matmul instead of three, the
+    same function up to float rounding. The merged weights are extra memory while the block runs;
+    the adapter layers themselves (and so the optimizer's view) come back unchanged afterwards."""
+    adapters = [(n, m) for n, m in model.named_modules() if _mergeable(m)]
+    if adapters:
+        merged = [(n, m.fuse()) for n, m in adapters]
+        mx.eval([m.parameters() for _, m in merged])
+        model.update_modules(tree_unflatten(merged))
+    try:
+        yield model
+    finally:
+        if adapters:
+            model.update_modules(tree_unflatten(adapters))
+
+
 def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None, how: Forward = PLAIN) -> ReferenceFn:
     """Return ``fn(batch) -> summed response log-probs`` under the reference, no gradient (a
     shared-prefix batch runs its prompts once here too).

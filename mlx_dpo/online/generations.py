@@ -9,7 +9,7 @@ batches exactly as it pulls preference batches and never learns where they come 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -61,9 +61,12 @@ class Sampler:
     params: SamplingParams
     eos_ids: frozenset
     per_prompt: int
+    keep: dict = field(default_factory=dict, compare=False, repr=False)  # the decode kernel's packed weights, run to run
 
     def sample(self, model: nn.Module, prompts: Sequence[Prompt]) -> list[Completion]:
-        return sample_groups(model, [p.ids for p in prompts], self.per_prompt, self.params, self.eos_ids) if prompts else []
+        if not prompts:
+            return []
+        return sample_groups(model, [p.ids for p in prompts], self.per_prompt, self.params, self.eos_ids, keep=self.keep)
 
 
 @dataclass

@@ -78,11 +78,12 @@ def sample_round_pairs(
     pairs = []
     step = max(1, args.batch_size)
     label = label or f"Round {round_index}"
+    keep: dict = {}  # the decode kernel's packed weights, from chunk to chunk of this round
     with Progress(len(prompts), f"{label}: sampling {split} ({K} per prompt)", unit="prompt") as bar:
         for start in range(0, len(prompts), step):
             chunk = list(prompts[start : start + step])
             mx.random.seed(rollout_seed(args.seed + 7 * round_index, start // step + 1, 0) + (split != "train"))
-            comps = sample_groups(model, [p.ids for p in chunk], K, args.sampling, eos_ids)
+            comps = sample_groups(model, [p.ids for p in chunk], K, args.sampling, eos_ids, keep=keep)
             rewards = score_rollouts(tokenizer, reward_funcs, chunk, comps, eos_ids)
             scores = combine_rewards(rewards, args.reward_weights).reshape(len(chunk), K)
             if args.missing_eos_penalty is not None:

@@ -37,6 +37,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..compute.forward import eval_mode
+from ..compute.decode import decode_weights
 from ..compute.streams import blas_threads
 
 PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the prefill's memory
@@ -52,6 +53,7 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     max_tokens: int = 256  # max completion length
     threads: int = 0  # BLAS threads while sampling (0: as the run set them); what is drawn does not depend on it
+    fast_decode: bool = False  # decode steps through compute/decode.py (the CPU kernel, or merged adapters)
 
 
 @dataclass
@@ -204,11 +206,14 @@ def sample_groups(
     params: SamplingParams,
     eos_ids: set[int] | list[int],
     max_batch: int = 64,
+    keep: Optional[dict] = None,
 ) -> list[Completion]:
     """num_generations completions per prompt, grouped: result[i*G + g] belongs to prompts[i].
 
     The model is put in eval mode (no dropout, e.g. LoRA's) while sampling
-    and its previous training mode is restored afterwards.
+    and its previous training mode is restored afterwards; ``params.fast_decode`` runs the decode
+    steps as ``compute.decode`` says (the model's own layers are back afterwards), its packed
+    weights kept in ``keep`` for the next call.
     """
     _check(params)
     G = num_generations
@@ -219,7 +224,8 @@ def sample_groups(
     eos = frozenset(int(t) for t in eos_ids)
     sampler = make_sampler(params)
     result: list[Completion | None] = [None] * (len(prompts) * G)
-    with eval_mode(model), blas_threads(params.threads) if params.threads else contextlib.nullcontext():
+    threads = blas_threads(params.threads) if params.threads else contextlib.nullcontext()
+    with eval_mode(model), threads, decode_weights(model, params.fast_decode, params.threads, keep) as decoding:
         for chunk, row_batches in _batches([len(p) for p in prompts], G, max_batch):
             cache = _prefill(model, [list(prompts[i]) for i in chunk])
             for b, rows in enumerate(row_batches):
@@ -228,7 +234,8 @@ def sample_groups(
                 for c in rows_cache:
                     c.filter(idx)
                 first = [prompts[chunk[j]][-1] for j in rows]
-                outs = _decode(model, rows_cache, first, sampler, eos, params.max_tokens)
+                with decoding():
+                    outs = _decode(model, rows_cache, first, sampler, eos, params.max_tokens)
                 seen: dict[int, int] = {}
                 for j, (ids, finished) in zip(rows, outs):
                     i = chunk[j]
@@ -239,15 +246,15 @@ def sample_groups(
     return result  # type: ignore[return-value]
 
 
-def rollout_problem(model: nn.Module) -> Optional[str]:
+def rollout_problem(model: nn.Module, fast_decode: bool = False) -> Optional[str]:
     """Why this model cannot sample batches of prompts (None if it can), found by sampling three
-    prompts of different lengths greedily for two steps and decoding each alone without a cache:
-    the padded batch cache is mlx-lm's, and an attention layer that cannot take its per-row mask
-    fails, or samples other tokens, here rather than mid-run."""
+    prompts of different lengths greedily for two steps (as the run will: ``fast_decode``) and
+    decoding each alone without a cache: the padded batch cache is mlx-lm's, and an attention
+    layer that cannot take its per-row mask fails, or samples other tokens, here rather than mid-run."""
     prompts, kind = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]], getattr(model, "model_type", "this model")
     try:
         with eval_mode(model):
-            batched = sample_groups(model, prompts, 1, SamplingParams(temperature=0.0, max_tokens=2), eos_ids=[])
+            batched = sample_groups(model, prompts, 1, SamplingParams(temperature=0.0, max_tokens=2, fast_decode=fast_decode), eos_ids=[])
             for c in batched:
                 seq = list(prompts[c.prompt_index])
                 for _ in range(2):

@@ -108,14 +108,15 @@ def test_a_greedy_rollout_with_the_cache_decodes_as_without_one(adapted, family)
     if family == "gemma2":  # mlx-lm's gemma2 attention cannot take the batch cache's per-row mask
         assert rollout_problem(model).startswith("gemma2 cannot sample a padded batch of prompts with mlx-lm's batch cache")
         return
-    assert rollout_problem(model) is None
+    assert rollout_problem(model) is None and rollout_problem(model, fast_decode=True) is None
     prompts = [[3, 17, 42, 99, 5, 250, 7, 33], [8, 9, 61]]  # different lengths: the batched prefill pads
-    out = sample_groups(model, prompts, 2, SamplingParams(temperature=0.0, max_tokens=8), eos_ids=[])
-    for c in out:
-        seq = list(prompts[c.prompt_index])
-        for _ in range(8):
-            seq.append(int(model(mx.array([seq]))[0, -1].argmax()))
-        assert c.token_ids == seq[len(prompts[c.prompt_index]):], family
+    for fast in (False, True):  # the model's own layers, and compute/decode.py's
+        out = sample_groups(model, prompts, 2, SamplingParams(temperature=0.0, max_tokens=8, fast_decode=fast), eos_ids=[])
+        for c in out:
+            seq = list(prompts[c.prompt_index])
+            for _ in range(8):
+                seq.append(int(model(mx.array([seq]))[0, -1].argmax()))
+            assert c.token_ids == seq[len(prompts[c.prompt_index]):], (family, fast)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from mlx_lm.utils import load
 from mlx_dpo._platform import blas
 from mlx_dpo.compute.streams import blas_threads
 from mlx_dpo.online.rollout import Completion, SamplingParams, sample_groups
+from tests.support import adapted_model
 
 # Different lengths, one of them a lone token (an empty prefill).
 PROMPTS = [[1, 5, 9, 33], [1], [1, 7, 8, 9, 10, 11, 12, 40, 41], [1, 2, 3]]
@@ -214,3 +215,19 @@ def test_sampling_threads_draw_the_same_tokens_and_are_restored(tiny_model_path,
             runs.append([c.token_ids for c in sample_groups(model, prompts, 3, SamplingParams(temperature=1.0, max_tokens=12, threads=threads), [])])
             assert blas.get_threads() == 1
     assert runs[0] == runs[1] and asked[:3] == [1, 2, 1]  # the block's 1, sampling's 2, the 1 restored
+
+
+def test_merged_adapters_sample_the_adapted_distribution(tiny_model_path):
+    """``fast_decode``: greedy tokens as the adapter layers decode them, the first token's
+    frequencies as the adapted model's softmax, and the adapter layers back afterwards."""
+    model = adapted_model(tiny_model_path)
+    model.eval()
+    layers = [m for _, m in model.named_modules() if "lora_a" in m]
+    merged = SamplingParams(temperature=0, max_tokens=8, fast_decode=True)
+    comps = sample_groups(model, PROMPTS, 1, merged, [])
+    assert [c.token_ids for c in comps] == [greedy_reference(model, p, 8) for p in PROMPTS]
+    prompt = PROMPTS[2]
+    counts = first_token_counts(model, prompt, 4000, SamplingParams(temperature=1.0, fast_decode=True))
+    assert_matches(counts, last_probs(model, prompt, 1.0))
+    after = [m for _, m in model.named_modules() if "lora_a" in m]
+    assert len(after) == len(layers) and all(a is b for a, b in zip(after, layers))

@@ -1,0 +1,102 @@
+"""Build a C source shipped with the package into a shared library, once per machine, and load it.
+
+The library is compiled for this CPU (``-march=native``; ``-mcpu=native`` on Arm) with OpenMP
+where the compiler has it, and kept in a private cache folder (``blas.private_folder``: this
+user's alone, so no one else can plant a library there) under a name that hashes the source, the
+compiler's identity, the flags and this CPU's flags: an edited source, another compiler or another
+CPU builds afresh. No compiler, or a failed build, is an answer (``None`` and why), not an error:
+callers fall back to code that needs none.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+from .blas import cpu_flags, private_folder
+
+ENV = "MLX_DPO_CC"  # the compiler to use, or "off" for none
+
+
+def _compiler() -> Optional[str]:
+    choice = os.environ.get(ENV) or os.environ.get("CC") or ""
+    if choice.lower() == "off":
+        return None
+    for name in (choice, "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _flags(compiler: str, openmp: bool) -> list[str]:
+    arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    return ["-O3", arch, "-shared", "-fPIC"] + (["-fopenmp"] if openmp else [])
+
+
+def _cache_folder() -> Optional[str]:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for folder in (os.path.join(base, "mlx_dpo", "kernels"), os.path.join(tempfile.gettempdir(), f"mlx_dpo-kernels-{os.getuid()}")):
+        if private_folder(folder) and os.access(folder, os.W_OK):
+            return folder
+    return None
+
+
+def _identity(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return compiler
+
+
+def _compile(compiler: str, flags: list[str], source: str, target: str) -> Optional[str]:
+    """Compile ``source`` into ``target`` (atomically); the compiler's first error line on failure."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *flags, source, "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            lines = [x for x in done.stderr.splitlines() if "error" in x] or done.stderr.splitlines() or ["no output"]
+            return lines[0].strip()
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def build(source: str) -> tuple[Optional[ctypes.CDLL], str]:
+    """``(library, how it was built)`` for the C file ``source``, or ``(None, why not)``."""
+    compiler = _compiler()
+    if compiler is None:
+        return None, f"no C compiler found (cc, gcc or clang; ${ENV} names one)"
+    folder = _cache_folder()
+    if folder is None:
+        return None, "no private cache folder to keep the compiled kernel in"
+    with open(source, "rb") as f:
+        text = f.read()
+    identity = _identity(compiler)
+    why = ""
+    for openmp in (True, False):  # Apple's clang has no OpenMP: one thread then
+        flags = _flags(compiler, openmp)
+        key = hashlib.sha256(b"\0".join([text, identity.encode(), " ".join(flags).encode(),
+                                         " ".join(sorted(cpu_flags())).encode(), platform.machine().encode()])).hexdigest()
+        target = os.path.join(folder, f"{os.path.splitext(os.path.basename(source))[0]}-{key[:16]}.so")
+        if not os.path.exists(target):
+            why = _compile(compiler, flags, source, target) or ""
+            if why:
+                continue
+        try:
+            lib = ctypes.CDLL(target)
+        except OSError as e:
+            why = str(e)
+            continue
+        return lib, f"{os.path.basename(compiler)} {' '.join(flags[:2])}{', OpenMP' if openmp else ', one thread'}"
+    return None, f"the kernel did not build: {why}"
