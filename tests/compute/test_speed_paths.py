@@ -107,9 +107,6 @@ def test_chunked_and_prompt_skipping_logps_equal_full_logps_and_gradients(tiny_m
     model = lora_model(tiny_model_path)
     batch = next(iterate_batches(pairs, 4, shuffle=False))
 
-    def total(m, chunk):
-        return get_batched_logps(m, batch["tokens"], batch["mask"], chunk)[0].sum()
-
     first = int(np.argmax(np.array(batch["mask"]).any(axis=0)))  # first target any row needs
     assert first > 2
 
