@@ -14,7 +14,8 @@ of ``--steps`` steps after a warm-up, one process, this machine:
   sampling inherited that;
 - the same without LoRA layers (what a fused model decodes);
 - the step as ``fast_decode`` runs it: the linear layers and the tied head through
-  ``compute/decode_kernel.c`` on weights packed once per rollout (adapters merged), split into
+  ``compute/decode_kernel.c`` on weights packed once per rollout (adapters merged), sampling on
+  the host (``rollout.host_sample``), split into
   the kernel's own time and everything else (MLX's ops between the layers, which the kernel now
   waits for at every layer: one evaluation per layer input); and the time to pack;
 - parts of the step, each run alone on the same shapes: the linear layers' matmuls (GEMV-like,
@@ -110,8 +111,10 @@ def parts(model, batch: int, context: int, steps: int) -> list[tuple[str, float]
     return out
 
 
-def kernel_rows(model, prompts, batch: int, sampler, steps: int, threads: int, read_ms: float) -> list[tuple]:
-    """The decode step through the packed kernel, the kernel's share of it, and packing."""
+def kernel_rows(model, prompts, batch: int, steps: int, threads: int, read_ms: float) -> list[tuple]:
+    """The decode step as ``fast_decode`` runs it (packed kernel, host sampling), the kernel's
+    share of it, and packing."""
+    sampler = make_sampler(SamplingParams(temperature=1.0, fast_decode=True))
     if decode.load_kernel()[0] is None:
         return [("decode step, fast_decode kernel", float("nan"), decode.load_kernel()[1])]
     inside = {"kernel": 0.0}
@@ -132,18 +135,18 @@ def kernel_rows(model, prompts, batch: int, sampler, steps: int, threads: int, r
     with blas_threads(threads):
         pack_first = median_ms(lambda: pack({}), 3)
         pack_ms = median_ms(lambda: pack(keep), 3)
-        with decode.decode_weights(model, True, threads, keep) as decoding:
-            cache = _prefill(model, prompts)
-            with decoding():
-                decode.Kernel.matmul = timed
-                try:
+        decode.Kernel.matmul = timed  # before packing: the packed layers hold the method
+        try:
+            with decode.decode_weights(model, True, threads, keep) as decoding:
+                cache = _prefill(model, prompts)
+                with decoding():
                     step = decode_step(model, cache, batch, sampler)
                     step()
                     inside["kernel"] = 0.0
                     ms = median_ms(step, steps)
                     kernel_ms = 1e3 * inside["kernel"] / (steps + 1)
-                finally:
-                    decode.Kernel.matmul = run
+        finally:
+            decode.Kernel.matmul = run
     return [(f"decode step, fast_decode kernel, {threads} thread(s)", ms, f"{ms / read_ms:.1f}x the bound"),
             ("  of which the kernel (linear layers and head)", kernel_ms, f"{kernel_ms / read_ms:.1f}x the bound"),
             ("  of which MLX's ops between layers, sampling, Python", ms - kernel_ms, ""),
@@ -179,7 +182,7 @@ def main() -> None:
         with blas_threads(threads):
             ms = median_ms(decode_step(merged, _prefill(merged, prompts), args.batch, sampler), args.steps)
         rows.append((f"decode step, no LoRA (merged), BLAS {threads} thread(s)", ms, f"{ms / read_ms:.1f}x the bound"))
-    rows += kernel_rows(model, prompts, args.batch, sampler, args.steps, budget, read_ms)
+    rows += kernel_rows(model, prompts, args.batch, args.steps, budget, read_ms)
     with blas_threads(budget):
         rows += [(name, ms, "") for name, ms in parts(model, args.batch, args.context, args.steps)]
     print(f"\n| batch {args.batch}, {args.context} cached tokens | ms | note |\n|---|---|---|")

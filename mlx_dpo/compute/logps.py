@@ -21,6 +21,24 @@ HEAD_OUTPUT = {
 BODY = {"nemotron_h": "backbone"}  # the body's attribute where it is not ``model``
 
 
+@mx.custom_function
+def logsumexp_parts(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """``(logsumexp(z), exp(z - max), max)`` over the last axis of float32 ``z``, from one pass of
+    ``exp``. Only the logsumexp carries a gradient: its backward reuses the forward's
+    exponentials (``softmax = e * exp(max - lse)``) where MLX's own would compute them again, and
+    on a CPU ``exp`` is the slowest op of the vocabulary's log-softmax (BENCHMARKS.md). The other
+    two outputs are for metrics (the entropy) under ``stop_gradient``."""
+    top = z.max(axis=-1)
+    e = mx.exp(z - top[..., None])
+    return top + mx.log(e.sum(axis=-1)), e, top
+
+
+@logsumexp_parts.vjp
+def _logsumexp_parts_vjp(primals, cotangents, outputs):
+    lse, e, top = outputs
+    return (e * (cotangents[0] * mx.exp(top - lse))[..., None],)
+
+
 def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     """``log p(target)`` per position, as ``logit[target] - logsumexp(logits)``.
 
@@ -28,9 +46,22 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     materialising a full (B, L, V) log-softmax copy. Logits are upcast to
     float32 so half-precision models still get accurate sums.
     """
+    return token_logps_entropy(logits, targets, False)[0]
+
+
+def token_logps_entropy(logits: mx.array, targets: mx.array, with_entropy: bool) -> tuple[mx.array, Optional[mx.array]]:
+    """``token_logps`` and, when asked, each position's entropy (no gradient) from the same pass."""
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
-    return picked - mx.logsumexp(logits, axis=-1)
+    lse, e, top = logsumexp_parts(logits)
+    return picked - lse, _entropy(logits, lse, e, top) if with_entropy else None
+
+
+def _entropy(logits: mx.array, lse: mx.array, e: mx.array, top: mx.array) -> mx.array:
+    """``-sum p log p = log sum(e) - sum(e (z - max)) / sum(e)``, with ``log sum(e) = lse - max``:
+    both terms are small where the distribution is peaked, so float32 keeps its digits. No gradient."""
+    shifted = lse - top
+    return mx.stop_gradient(shifted - (e * (logits - top[..., None])).sum(axis=-1) / mx.exp(shifted))
 
 
 def split_head(model: nn.Module) -> Optional[tuple[Callable, nn.Module]]:
@@ -173,8 +204,7 @@ class TemperedHead(nn.Module):
 
 def entropy_of(logits: mx.array) -> mx.array:
     logits = logits.astype(mx.float32)
-    lse = mx.logsumexp(logits, axis=-1, keepdims=True)
-    return lse.squeeze(-1) - (mx.exp(logits - lse) * logits).sum(axis=-1)
+    return _entropy(logits, *logsumexp_parts(logits))
 
 
 def get_token_logps(
@@ -217,8 +247,7 @@ def tempered_logps(
     logits = logits.astype(mx.float32)
     if temperature != 1.0:
         logits = logits / temperature
-    entropy = mx.stop_gradient(entropy_of(logits)) if with_entropy else None
-    return token_logps(logits, targets), entropy
+    return token_logps_entropy(logits, targets, with_entropy)
 
 
 def tempered_logps_chunked(

@@ -30,10 +30,12 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from ..compute.forward import eval_mode
@@ -87,10 +89,13 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
     """``(B, V)`` logits -> ``(B,)`` token ids.
 
     Order: logits / T, then top-k, top-p, min-p, each on what the previous one
-    left (HF's order). Ties at a cut-off are kept. T = 0 is argmax.
+    left (HF's order). Ties at a cut-off are kept. T = 0 is argmax. With
+    ``fast_decode`` and no filter, ``host_sample`` draws from the same distribution.
     """
     if params.temperature == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
+    if params.fast_decode and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0:
+        return partial(host_sample, inv_t=1.0 / params.temperature)
     inv_t, k, top_p, min_p = 1.0 / params.temperature, params.top_k, params.top_p, params.min_p
     neg_inf = mx.array(-math.inf, mx.float32)
 
@@ -112,6 +117,19 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
         return mx.random.categorical(logits)
 
     return sample
+
+
+def host_sample(logits: mx.array, inv_t: float) -> mx.array:
+    """``softmax(logits / T)`` sampled by inverting its cumulative sum at one MLX uniform per row
+    (so ``mx.random.seed`` still decides the draw), in float64 NumPy. On a CPU, MLX's ``exp`` and
+    ``log`` are scalar and its Gumbel draw costs two of them per vocabulary entry; NumPy's are
+    vectorised. The row's logits are on the host already where the decode kernel made them."""
+    u = np.asarray(mx.random.uniform(shape=(logits.shape[0],)), np.float64)
+    z = np.asarray(logits.astype(mx.float32), np.float64) * inv_t
+    cdf = np.cumsum(np.exp(z - z.max(axis=-1, keepdims=True)), axis=-1)
+    # The first index whose cumulative mass exceeds u * total: P(j) = p_j exactly.
+    ids = [min(int(np.searchsorted(row, x * row[-1], side="right")), row.size - 1) for row, x in zip(cdf, u)]
+    return mx.array(ids, mx.uint32)
 
 
 def _merge(caches: list[list]) -> list:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlx_dpo.compute.batching import pad_batch
-from mlx_dpo.compute.logps import get_batched_logps
+from mlx_dpo.compute.logps import get_batched_logps, token_logps, token_logps_entropy
 from mlx_dpo.objectives.losses import dpo_loss
 
 VOCAB = 11
@@ -141,3 +141,25 @@ def test_logits_from_is_no_later_than_any_response_target():
             start = pad_batch(pairs, pad_multiple=multiple)["logits_from"]
             assert start % multiple == 0 and 0 <= start <= first
             assert first - start < multiple
+
+
+@pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: logits far from 0, where an unshifted exp overflows
+def test_token_logps_entropy_and_their_gradient_match_float64_numpy(scale):
+    """One pass of exp (logps.logsumexp_parts) and a backward that reuses it: log-probs, entropies
+    and d(sum w * logp)/dlogits = w (onehot - softmax), against float64 NumPy."""
+    rng = np.random.default_rng(3)
+    z = (rng.normal(size=(3, 5, 97)) * scale).astype(np.float32)
+    t = rng.integers(0, 97, size=(3, 5))
+    w = rng.normal(size=(3, 5))
+    logits, targets, weights = mx.array(z), mx.array(t.astype(np.int32)), mx.array(w.astype(np.float32))
+    logps, entropy = token_logps_entropy(logits, targets, True)
+    grad = mx.grad(lambda x: (token_logps_entropy(x, targets, True)[0] * weights).sum())(logits)
+    z64 = z.astype(np.float64)
+    log_softmax = z64 - z64.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    p = np.exp(log_softmax)
+    np.testing.assert_allclose(np.array(logps), np.take_along_axis(log_softmax, t[..., None], -1)[..., 0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.array(entropy), -(p * log_softmax).sum(-1), rtol=1e-4, atol=1e-4)
+    onehot = np.eye(97)[t]
+    np.testing.assert_allclose(np.array(grad), w[..., None] * (onehot - p), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.array(token_logps(logits, targets)), np.array(logps))

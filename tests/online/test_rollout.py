@@ -7,7 +7,7 @@ from mlx_lm.utils import load
 
 from mlx_dpo._platform import blas
 from mlx_dpo.compute.streams import blas_threads
-from mlx_dpo.online.rollout import Completion, SamplingParams, sample_groups
+from mlx_dpo.online.rollout import Completion, SamplingParams, make_sampler, sample_groups
 from tests.support import adapted_model
 
 # Different lengths, one of them a lone token (an empty prefill).
@@ -231,3 +231,20 @@ def test_merged_adapters_sample_the_adapted_distribution(tiny_model_path):
     assert_matches(counts, last_probs(model, prompt, 1.0))
     after = [m for _, m in model.named_modules() if "lora_a" in m]
     assert len(after) == len(layers) and all(a is b for a, b in zip(after, layers))
+
+
+def test_host_sampling_draws_softmax_over_t_and_follows_the_seed():
+    """``host_sample`` (fast_decode, no filter): token frequencies as float64 softmax(z / T), the
+    same draws for the same ``mx.random.seed``, and filters still cut with fast_decode on."""
+    rng = np.random.default_rng(5)
+    z = (rng.normal(size=(1, 40)) * 3).astype(np.float64)
+    sampler = make_sampler(SamplingParams(temperature=0.7, fast_decode=True))
+    logits = mx.array(np.repeat(z, 20000, axis=0).astype(np.float32))
+    mx.random.seed(11)
+    draws = np.array(sampler(logits))
+    p = np.exp(z[0] / 0.7 - (z[0] / 0.7).max())
+    assert_matches(np.bincount(draws, minlength=40), p / p.sum())
+    mx.random.seed(11)
+    assert np.array_equal(np.array(sampler(logits)), draws)
+    top3 = make_sampler(SamplingParams(temperature=0.7, top_k=3, fast_decode=True))
+    assert set(np.array(top3(logits[:500])).tolist()) <= set(np.argsort(z[0])[-3:].tolist())
