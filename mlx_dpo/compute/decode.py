@@ -10,7 +10,8 @@ weights packed once per rollout instead, the adapters merged in on the way, and 
 
 - ``fast`` off: the model as it is;
 - the kernel built (``_platform/cc.py``): every float32 linear layer, LoRA/DoRA-adapted or not,
-  and every float32 embedding (the tied head's ``as_linear``) is packed on entry; each decode
+  and a float32 embedding that is also the vocabulary head (``as_linear``, where the model has
+  no ``lm_head``) is packed on entry; each decode
   batch then runs inside ``decoding()``, which swaps in ``PackedLinear``/``PackedEmbedding``
   layers and back. Prefill keeps the model's own layers (many rows: the BLAS is the right tool);
   quantized layers keep theirs;
@@ -63,6 +64,8 @@ class Kernel:
                       scale, rank, n_out, k, out.ctypes.data, threads)
 
     def matmul(self, x: np.ndarray, packed: np.ndarray, n_out: int, threads: int) -> np.ndarray:
+        if x.shape[1] != packed.shape[1]:  # the C code would read past the buffer
+            raise ValueError(f"rows of {x.shape[1]} values for a weight of {packed.shape[1]} inputs")
         y = np.empty((x.shape[0], n_out), np.float32)
         self.lib.rows_matmul(x.ctypes.data, packed.ctypes.data, y.ctypes.data, x.shape[0], x.shape[1], n_out, threads)
         return y
@@ -138,14 +141,16 @@ def _packable(module: nn.Module, tied_head: bool) -> Optional[tuple[mx.array, Op
 def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -> tuple[list, list]:
     """``(packed layers, the layers they stand in for)``, each as ``(name, module)``. The packed
     weights share one buffer, kept in ``keep["arena"]`` for the next call: a fresh one would be
-    mapped page by page again each rollout (a tenth of a second to a second here)."""
-    tied_head = "lm_head" not in dict(model.named_modules())
-    found = []
-    for name, module in model.named_modules():
-        if any(name.startswith(done + ".") for done, _, _ in found):
+    mapped page by page again each rollout."""
+    modules = model.named_modules()
+    tied_head = "lm_head" not in dict(modules)
+    found, names = [], set()
+    for name, module in modules:
+        if name.rpartition(".")[0] in names:
             continue  # an adapter's own base layer
         if (weight_lora := _packable(module, tied_head)) is not None:
             found.append((name, module, weight_lora))
+            names.add(name)
     shapes = [kernel.packed_shape(w.shape) for _, _, (w, _) in found]
     size = sum(int(np.prod(s)) for s in shapes)
     arena = keep.get("arena")

@@ -46,15 +46,21 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     materialising a full (B, L, V) log-softmax copy. Logits are upcast to
     float32 so half-precision models still get accurate sums.
     """
-    return token_logps_entropy(logits, targets, False)[0]
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(logits, axis=-1)
 
 
 def token_logps_entropy(logits: mx.array, targets: mx.array, with_entropy: bool) -> tuple[mx.array, Optional[mx.array]]:
-    """``token_logps`` and, when asked, each position's entropy (no gradient) from the same pass."""
+    """``token_logps`` and, when asked, each position's entropy (no gradient) from the same
+    exponentials (``logsumexp_parts``: they stay alive for the backward, one more (N, V) array
+    than ``token_logps`` keeps, so only where the entropy is wanted too)."""
+    if not with_entropy:
+        return token_logps(logits, targets), None
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
     lse, e, top = logsumexp_parts(logits)
-    return picked - lse, _entropy(logits, lse, e, top) if with_entropy else None
+    return picked - lse, _entropy(logits, lse, e, top)
 
 
 def _entropy(logits: mx.array, lse: mx.array, e: mx.array, top: mx.array) -> mx.array:

@@ -84,6 +84,8 @@ def test_the_thread_count_does_not_change_a_bit(kernel):
     one, two = kernel.matmul(x, packed, 1000, 1), kernel.matmul(x, packed, 1000, 2)
     assert np.array_equal(one, two)
     np.testing.assert_allclose(one, x.astype(np.float64) @ w.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="rows of 299 values for a weight of 300 inputs"):
+        kernel.matmul(np.ascontiguousarray(x[:, :299]), packed, 1000, 1)
 
 
 def test_a_model_decodes_through_the_kernel_and_gets_its_layers_back(kernel, tiny_model_path):
