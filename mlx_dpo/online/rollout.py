@@ -38,8 +38,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from ..compute.forward import eval_mode
 from ..compute.decode import decode_weights
+from ..compute.forward import eval_mode
 from ..compute.streams import blas_threads
 
 PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the prefill's memory
