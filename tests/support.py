@@ -53,6 +53,14 @@ def cli_args(tiny_model_path, tiny_data_path, adapter_path, *extra):
     ]
 
 
+REVIEW_ITEMS = ("the film", "this book", "the hotel", "our dinner", "the concert", "the phone", "this game", "the park")
+
+
+def review_prompts(items=REVIEW_ITEMS) -> list[dict]:
+    """Prompt records ("Write a review of the film.", ...) for the tests that sample."""
+    return [{"prompt": f"Write a review of {it}."} for it in items]
+
+
 def adapted_model(path, kind: str = "lora", seed: int = 0):
     """The tiny Llama (or any model folder) with random non-zero LoRA/DoRA updates, so that the
     policy differs from its base, or fully trainable (``kind="full"``)."""

@@ -27,7 +27,7 @@ from mlx_dpo.frontier import (
 from mlx_dpo.online.reward_model import load_reward_model
 from mlx_dpo.online.rollout import SamplingParams, sample_groups
 from mlx_dpo.toy import preference_records, write_jsonl
-from tests.support import ROOT
+from tests.support import ROOT, review_prompts
 
 LOW = 256
 
@@ -39,9 +39,8 @@ def low_ids(completion_ids, **kwargs):
 @pytest.fixture(scope="module")
 def sweep_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("frontier")
-    items = ["the film", "this book", "the hotel", "our dinner", "the concert", "the phone", "this game", "the park"]
     for split in ("train", "valid", "test"):
-        write_jsonl(root / "prompts" / f"{split}.jsonl", [{"prompt": f"Write a review of {it}."} for it in items])
+        write_jsonl(root / "prompts" / f"{split}.jsonl", review_prompts())
         write_jsonl(root / "pairs" / f"{split}.jsonl", preference_records(16, {"train": 0, "valid": 1, "test": 2}[split]))
     (root / "rewards.py").write_text(f"def low_ids(completion_ids, **kwargs):\n    return [sum(t < {LOW} for t in ids) / len(ids) for ids in completion_ids]\n")
     return root

@@ -16,7 +16,7 @@ from mlx_dpo.lora import run
 from mlx_dpo.toy import write_jsonl
 from mlx_dpo.train.checkpoint import STATE, load_training_state
 from mlx_dpo.train.metrics_log import read_metrics
-from tests.support import ROOT
+from tests.support import REVIEW_ITEMS, ROOT, review_prompts
 
 BIN = Path(sys.executable).parent
 DEMO = ROOT / "examples" / "demo"
@@ -45,8 +45,7 @@ def breaks_on_third_call(completions, **kwargs):
 @pytest.fixture(scope="module")
 def prompt_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
-    items = ["the film", "this book", "the hotel", "our dinner", "the concert", "the phone", "this game", "the park"]
-    rows = [{"prompt": f"Write a review of {it}.", "topic": "skip" if i == 3 else it} for i, it in enumerate(items)]
+    rows = [{**row, "topic": "skip" if i == 3 else it} for i, (row, it) in enumerate(zip(review_prompts(), REVIEW_ITEMS))]
     for split in ("train", "valid", "test"):
         write_jsonl(root / "data" / f"{split}.jsonl", rows)
     (root / "rewards.py").write_text(REWARDS)

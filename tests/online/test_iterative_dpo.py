@@ -19,6 +19,7 @@ from mlx_dpo.online.iterative import best_worst, pairs_dataset
 from mlx_dpo.toy import write_jsonl
 from mlx_dpo.train.checkpoint import STATE, load_training_state
 from mlx_dpo.train.trainer import TrainingInterrupted
+from tests.support import review_prompts
 
 LOW = 256
 REWARDS = f'''
@@ -52,8 +53,7 @@ def test_best_worst_pairs_and_ties():
 @pytest.fixture(scope="module")
 def prompt_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("rounds")
-    items = ["the film", "this book", "the hotel", "our dinner", "the concert", "the phone", "this game", "the park"]
-    rows = [{"prompt": f"Write a review of {it}."} for it in items]
+    rows = review_prompts()
     for split in ("train", "valid", "test"):
         write_jsonl(root / "data" / f"{split}.jsonl", rows[: 8 if split == "train" else 4])
     (root / "rewards.py").write_text(REWARDS)

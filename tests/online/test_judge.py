@@ -20,7 +20,7 @@ from mlx_dpo.online.judge import Judge, JudgeConfig, JudgeError, make_judge, par
 from mlx_dpo.toy import write_jsonl
 from mlx_dpo.train.checkpoint import STATE, load_training_state
 from mlx_dpo.train.metrics_log import read_metrics
-from tests.support import ROOT
+from tests.support import REVIEW_ITEMS, ROOT, review_prompts
 
 DEMO_MODEL = ROOT / "examples" / "demo" / "model"
 
@@ -123,7 +123,7 @@ def test_the_server_judges_as_the_same_model_in_process(server):
 @pytest.fixture(scope="module")
 def prompt_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("judge")
-    rows = [{"prompt": f"Write a review of {it}."} for it in ("the film", "this book", "the hotel", "our dinner")]
+    rows = review_prompts(REVIEW_ITEMS[:4])
     for split in ("train", "valid", "test"):
         write_jsonl(root / "data" / f"{split}.jsonl", rows)
     return root

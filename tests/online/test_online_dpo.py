@@ -22,7 +22,7 @@ from mlx_dpo.online.online_dpo import (
 )
 from mlx_dpo.online.rollout import SamplingParams
 from mlx_dpo.toy import write_jsonl
-from tests.support import ROOT, Recorder, make_loss
+from tests.support import ROOT, Recorder, make_loss, review_prompts
 
 LOW = 256
 REWARDS = f'''
@@ -50,8 +50,7 @@ def test_pick_pairs_higher_wins_ties_go_first_nan_loses_and_the_eos_penalty():
 @pytest.fixture(scope="module")
 def prompt_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("online_dpo")
-    items = ["the film", "this book", "the hotel", "our dinner", "the concert", "the phone", "this game", "the park"]
-    rows = [{"prompt": f"Write a review of {it}."} for it in items]
+    rows = review_prompts()
     for split in ("train", "valid", "test"):
         write_jsonl(root / "data" / f"{split}.jsonl", rows)
     (root / "rewards.py").write_text(REWARDS)

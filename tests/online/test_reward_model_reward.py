@@ -16,7 +16,7 @@ from mlx_dpo.lora import run
 from mlx_dpo.online.reward_model import load_reward_model
 from mlx_dpo.toy import preference_records, write_jsonl
 from mlx_dpo.train.metrics_log import read_metrics
-from tests.support import cli_args
+from tests.support import cli_args, review_prompts
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,8 @@ def test_a_folder_that_is_not_a_reward_model_is_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     root = tmp_path_factory.mktemp("rm_prompts")
-    items = ["the film", "this book", "the hotel", "our dinner", "the concert", "the phone", "this game", "the park"]
     for split in ("train", "valid", "test"):
-        write_jsonl(root / "data" / f"{split}.jsonl", [{"prompt": f"Write a review of {it}."} for it in items])
+        write_jsonl(root / "data" / f"{split}.jsonl", review_prompts())
     (root / "rewards.py").write_text("def length(completion_ids, **kw):\n    return [len(i) / 8 for i in completion_ids]\n")
     return root
 
