@@ -54,8 +54,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_PACKAGES = ["torch==2.13.0", "trl", "peft", "transformers", "datasets", "accelerate"]
@@ -271,6 +272,16 @@ def make_pairs(sentences: list[str], shape: str, n: int, seed: int = 0) -> list[
     return pairs
 
 
+@contextmanager
+def work_folder(records: list[dict]) -> Iterator[Path]:
+    """A temporary folder for one comparison, holding ``data/train.jsonl`` with ``records``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "data").mkdir()
+        (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in records))
+        yield work
+
+
 def trl_python(venv: Path) -> Path:
     """The venv's python, the venv made (with TRL and its stack) if it is not there yet."""
     python = venv / "bin" / "python"
@@ -391,10 +402,7 @@ def run_mlx_grpo(model: str, data_dir: Path, steps: int, warmup: int, work: Path
 def compare_grpo(args, sentences: list[str], python: Optional[Path]) -> None:
     prompts = grpo_prompts(sentences, GRPO_SHAPE["prompts"] * args.grpo_steps * 2)
     table = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "data").mkdir()
-        (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in prompts))
+    with work_folder(prompts) as work:
         for tool in args.tools.split(","):
             print(f"[compare_trl] GRPO: {tool}, {args.grpo_steps} steps", flush=True)
             if tool == "trl":
@@ -451,10 +459,7 @@ def mlx_order_and_init(model: str, data_dir: Path, steps: int, work: Path) -> tu
 def parity(args, sentences: list[str], python: Path) -> None:
     """``--parity``: per-step loss and reward accuracy of both tools on the same batches, init and optimizer."""
     pairs = make_pairs(sentences, "long", 2 * args.steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        (work / "data").mkdir()
-        (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
+    with work_folder(pairs) as work:
         order, init, peft = mlx_order_and_init(args.model, work / "data", args.steps, work)
         (work / "trl.jsonl").write_text("".join(json.dumps(pairs[i]) + "\n" for i in order))
         config = {
@@ -523,10 +528,7 @@ def compare_dpo(args, sentences: list[str], python: Optional[Path]) -> None:
     table = []
     for shape in args.shapes.split(","):
         pairs = make_pairs(sentences, shape, 2 * args.steps)
-        with tempfile.TemporaryDirectory() as tmp:
-            work = Path(tmp)
-            (work / "data").mkdir()
-            (work / "data" / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
+        with work_folder(pairs) as work:
             for tool in args.tools.split(","):
                 print(f"[compare_trl] {shape} prompts: {tool}, {args.steps} steps", flush=True)
                 if tool == "trl":
