@@ -345,24 +345,24 @@ GRPO_SHAPE = {"prompts": 2, "group": 4, "max_tokens": 32}
 def run_trl_grpo(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
     settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "trl-grpo"), "reward": GRPO_REWARD,
                 "use_cpu": USE_CPU[0], **GRPO_SHAPE}
-    done = subprocess.run([str(python), "-c", TRL_GRPO_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
-    if done.returncode:
-        raise SystemExit(f"TRL GRPO failed:\n{done.stderr[-3000:]}")
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**grpo_steady(out["times"], out["rollout"], out["tokens"], warmup), "peak_rss_gb": out["peak_rss_gb"],
-            "tool": f"TRL {out['version']}"}
+    return run_grpo_script(python, TRL_GRPO_SCRIPT, settings, "TRL", warmup)
 
 
 def run_mlx_lm_lora_grpo(python: Path, model: str, data: Path, steps: int, warmup: int, work: Path) -> dict:
     (work / "mlx-lm-lora").mkdir(exist_ok=True)
     settings = {"model": model, "data": str(data), "steps": steps, "out": str(work / "mlx-lm-lora"), "reward": GRPO_REWARD,
                 "keys": LORA_KEYS, **GRPO_SHAPE}
-    done = subprocess.run([str(python), "-c", MLX_LM_LORA_GRPO_SCRIPT, json.dumps(settings)], capture_output=True, text=True)
+    return run_grpo_script(python, MLX_LM_LORA_GRPO_SCRIPT, settings, "mlx-lm-lora", warmup)
+
+
+def run_grpo_script(python: Path, script: str, settings: dict, name: str, warmup: int) -> dict:
+    """Another tool's GRPO script in its own venv; its last line is a JSON of per-step times."""
+    done = subprocess.run([str(python), "-c", script, json.dumps(settings)], capture_output=True, text=True)
     if done.returncode:
-        raise SystemExit(f"mlx-lm-lora GRPO failed:\n{done.stderr[-3000:]}")
+        raise SystemExit(f"{name} GRPO failed:\n{done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
     return {**grpo_steady(out["times"], out["rollout"], out["tokens"], warmup), "peak_rss_gb": out["peak_rss_gb"],
-            "tool": f"mlx-lm-lora {out['version']}"}
+            "tool": f"{name} {out['version']}"}
 
 
 def grpo_steady(times: list[float], rollout: list[float], tokens: list[float], warmup: int) -> dict:
