@@ -186,9 +186,11 @@ def private_folder(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
-def _cache_dir() -> str:
+def cache_dir(kind: str = "blas") -> str:
+    """This user's private, writable cache folder for ``kind`` (``$XDG_CACHE_HOME/mlx_dpo/<kind>``,
+    else one in the temporary folder)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    for folder in (os.path.join(base, "mlx_dpo", "blas"), os.path.join(tempfile.gettempdir(), f"mlx_dpo-blas-{os.getuid()}")):
+    for folder in (os.path.join(base, "mlx_dpo", kind), os.path.join(tempfile.gettempdir(), f"mlx_dpo-{kind}-{os.getuid()}")):
         if private_folder(folder) and os.access(folder, os.W_OK):
             return folder
     raise OSError("no private cache folder (one owned by this user that others cannot write to)")
@@ -232,7 +234,7 @@ def _gfortran() -> tuple[tuple[str, ...], str]:
         system = _ldconfig("libgfortran.so.5")
         return ((system,), "") if system else ((), "no libgfortran.so.5 (neither the mlx[cpu] wheel's nor the system's)")
     with open(found[0], "rb") as f:
-        dst = cached_copy(_cache_dir(), "libgfortran.so.5", elf.with_soname(f.read(), "libgfortran.so.5"))
+        dst = cached_copy(cache_dir(), "libgfortran.so.5", elf.with_soname(f.read(), "libgfortran.so.5"))
     quadmath = sorted(glob.glob(os.path.join(glob.escape(libs), "libquadmath*.so*")))
     return (*quadmath, dst), ""
 

@@ -1,7 +1,7 @@
 """Build a C source shipped with the package into a shared library, once per machine, and load it.
 
 The library is compiled for this CPU (``-march=native``; ``-mcpu=native`` on Arm) with OpenMP
-where the compiler has it, and kept in a private cache folder (``blas.private_folder``: this
+where the compiler has it, and kept in a private cache folder (``blas.cache_dir``: this
 user's alone, so no one else can plant a library there) under a name that hashes the source, the
 compiler's identity, the flags and this CPU's flags: an edited source, another compiler or another
 CPU builds afresh. No compiler, or a failed build, is an answer (``None`` and why), not an error:
@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 from typing import Optional
 
-from .blas import cpu_flags, private_folder
+from .blas import cache_dir, cpu_flags
 
 ENV = "MLX_DPO_CC"  # the compiler to use, or "off" for none
 
@@ -37,14 +37,6 @@ def _compiler() -> Optional[str]:
 def _flags(compiler: str, openmp: bool) -> list[str]:
     arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
     return ["-O3", arch, "-shared", "-fPIC"] + (["-fopenmp"] if openmp else [])
-
-
-def _cache_folder() -> Optional[str]:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    for folder in (os.path.join(base, "mlx_dpo", "kernels"), os.path.join(tempfile.gettempdir(), f"mlx_dpo-kernels-{os.getuid()}")):
-        if private_folder(folder) and os.access(folder, os.W_OK):
-            return folder
-    return None
 
 
 def _identity(compiler: str) -> str:
@@ -77,8 +69,9 @@ def build(source: str) -> tuple[Optional[ctypes.CDLL], str]:
     compiler = _compiler()
     if compiler is None:
         return None, f"no C compiler found (cc, gcc or clang; ${ENV} names one)"
-    folder = _cache_folder()
-    if folder is None:
+    try:
+        folder = cache_dir("kernels")
+    except OSError:
         return None, "no private cache folder to keep the compiled kernel in"
     with open(source, "rb") as f:
         text = f.read()

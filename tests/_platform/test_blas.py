@@ -223,7 +223,7 @@ def test_a_shared_cache_home_falls_back_to_a_private_folder(tmp_path, monkeypatc
     (shared / "mlx_dpo" / "blas").chmod(0o777)
     monkeypatch.setenv("XDG_CACHE_HOME", str(shared))
     monkeypatch.setattr(_blas.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    assert _blas._cache_dir() == str(tmp_path / "tmp" / f"mlx_dpo-blas-{os.getuid()}")
+    assert _blas.cache_dir() == str(tmp_path / "tmp" / f"mlx_dpo-blas-{os.getuid()}")
 
 
 AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma"}
