@@ -33,10 +33,9 @@ from typing import Callable, ContextManager, Iterator, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
 
 from .._platform import blas, cc
-from .reference import adapters_merged
+from .reference import adapters_merged, modules_replaced
 
 MAX_ROWS = 16  # more rows than this per call (a prefill, big batches): the model's own layer
 SOURCE = os.path.join(os.path.dirname(__file__), "decode_kernel.c")
@@ -138,8 +137,8 @@ def _packable(module: nn.Module, tied_head: bool) -> Optional[tuple[mx.array, Op
     return None
 
 
-def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -> tuple[list, list]:
-    """``(packed layers, the layers they stand in for)``, each as ``(name, module)``. The packed
+def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -> list[tuple[str, nn.Module]]:
+    """The packed layers, each as ``(name of the layer it stands in for, module)``. The packed
     weights share one buffer, kept in ``keep["arena"]`` for the next call: a fresh one would be
     mapped page by page again each rollout."""
     modules = model.named_modules()
@@ -156,7 +155,7 @@ def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -
     arena = keep.get("arena")
     if arena is None or arena.size != size:
         keep["arena"] = arena = np.empty(size, np.float32)
-    packed, originals, at = [], [], 0
+    packed, at = [], 0
     for (name, module, (weight, lora)), shape in zip(found, shapes):
         mx.eval(weight, list(lora[:2]) if lora else [])
         matrix = arena[at : at + int(np.prod(shape))].reshape(shape)
@@ -168,8 +167,7 @@ def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -
         if kind is PackedLinear and "bias" in base:
             layer["bias"] = base["bias"]
         packed.append((name, layer))
-        originals.append((name, module))
-    return packed, originals
+    return packed
 
 
 @contextlib.contextmanager
@@ -179,23 +177,13 @@ def decode_weights(model: nn.Module, fast: bool, threads: int = 0, keep: Optiona
     computes does not depend on the count: each output is one sum over k, in order. ``keep``: a
     dict of the caller's that holds the packed weights' memory from one call to the next (the
     size of the float32 weights; None: freed on exit)."""
-    kernel = load_kernel()[0] if fast else None
-    threads = threads or blas.get_threads() or 1
     if not fast:
         yield contextlib.nullcontext
         return
+    kernel = load_kernel()[0]
     if kernel is None:
         with adapters_merged(model):
             yield contextlib.nullcontext
         return
-    packed, originals = _packed_layers(model, kernel, threads, {} if keep is None else keep)
-
-    @contextlib.contextmanager
-    def decoding() -> Iterator[None]:
-        model.update_modules(tree_unflatten(packed))
-        try:
-            yield
-        finally:
-            model.update_modules(tree_unflatten(originals))
-
-    yield decoding
+    packed = _packed_layers(model, kernel, threads or blas.get_threads() or 1, {} if keep is None else keep)
+    yield functools.partial(modules_replaced, model, packed)

@@ -12,7 +12,7 @@ Reference log-probs come summed per row (the paired and KTO objectives) or per t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,16 +41,23 @@ def has_adapters(model: nn.Module) -> bool:
 
 
 @contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily replace every adapter layer by the base layer it wraps."""
-    adapters = [(n, m) for n, m in model.named_modules() if _wrapped_base(m) is not None]
-    if adapters:
-        model.update_modules(tree_unflatten([(n, _wrapped_base(m)) for n, m in adapters]))
+def modules_replaced(model: nn.Module, replacements: list[tuple[str, nn.Module]]) -> Iterator[nn.Module]:
+    """Inside the block, each module named in ``replacements`` is the one given there; the very
+    modules it stood in for are back afterwards."""
+    modules = dict(model.named_modules()) if replacements else {}
+    originals = [(name, modules[name]) for name, _ in replacements]
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
     try:
         yield model
     finally:
-        if adapters:
-            model.update_modules(tree_unflatten(adapters))
+        if replacements:
+            model.update_modules(tree_unflatten(originals))
+
+
+def adapters_disabled(model: nn.Module) -> ContextManager[nn.Module]:
+    """Temporarily replace every adapter layer by the base layer it wraps."""
+    return modules_replaced(model, [(n, _wrapped_base(m)) for n, m in model.named_modules() if _wrapped_base(m) is not None])
 
 
 def _mergeable(module: nn.Module) -> bool:
@@ -59,22 +66,14 @@ def _mergeable(module: nn.Module) -> bool:
     return isinstance(_wrapped_base(module), nn.Linear) and callable(getattr(module, "fuse", None))
 
 
-@contextmanager
-def adapters_merged(model: nn.Module) -> Iterator[nn.Module]:
+def adapters_merged(model: nn.Module) -> ContextManager[nn.Module]:
     """Inside the block, every LoRA/DoRA layer over a full-precision linear layer is replaced by one
     linear layer holding the merged weight (mlx-lm's ``fuse``): one matmul instead of three, the
     same function up to float rounding. The merged weights are extra memory while the block runs;
     the adapter layers themselves (and so the optimizer's view) come back unchanged afterwards."""
-    adapters = [(n, m) for n, m in model.named_modules() if _mergeable(m)]
-    if adapters:
-        merged = [(n, m.fuse()) for n, m in adapters]
-        mx.eval([m.parameters() for _, m in merged])
-        model.update_modules(tree_unflatten(merged))
-    try:
-        yield model
-    finally:
-        if adapters:
-            model.update_modules(tree_unflatten(adapters))
+    merged = [(n, m.fuse()) for n, m in model.named_modules() if _mergeable(m)]
+    mx.eval([m.parameters() for _, m in merged])
+    return modules_replaced(model, merged)
 
 
 def make_reference(model: nn.Module, reference_model: Optional[nn.Module] = None, how: Forward = PLAIN) -> ReferenceFn:
