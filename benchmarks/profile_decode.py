@@ -14,10 +14,10 @@ of ``--steps`` steps after a warm-up, one process, this machine:
   sampling inherited that;
 - the same without LoRA layers (what a fused model decodes);
 - the step as ``fast_decode`` runs it: the linear layers and the tied head through
-  ``compute/decode_kernel.c`` on weights packed once per rollout (adapters merged), sampling on
-  the host (``rollout.host_sample``), split into
-  the kernel's own time and everything else (MLX's ops between the layers, which the kernel now
-  waits for at every layer: one evaluation per layer input); and the time to pack;
+  ``compute/decode_kernel.c`` on weights packed once per rollout (adapters merged), for this
+  model the rest of the step too (``compute/host_decode.py``), sampling on the host
+  (``rollout.host_sample``), split into the kernel's matmuls and everything else; and the time
+  to pack;
 - parts of the step, each run alone on the same shapes: the linear layers' matmuls (GEMV-like,
   B rows), the LoRA side paths, attention over the cache, norms and element-wise ops, the
   vocabulary head, sampling, and the cache update.
@@ -118,12 +118,12 @@ def kernel_rows(model, prompts, batch: int, steps: int, threads: int, read_ms: f
     if decode.load_kernel()[0] is None:
         return [("decode step, fast_decode kernel", float("nan"), decode.load_kernel()[1])]
     inside = {"kernel": 0.0}
-    run = decode.Kernel.matmul
+    run_matmul = decode.Kernel.matmul
 
     def timed(self, *a, **kw):
         tic = time.perf_counter()
         try:
-            return run(self, *a, **kw)
+            return run_matmul(self, *a, **kw)
         finally:
             inside["kernel"] += time.perf_counter() - tic
 
@@ -138,18 +138,19 @@ def kernel_rows(model, prompts, batch: int, steps: int, threads: int, read_ms: f
         decode.Kernel.matmul = timed  # before packing: the packed layers hold the method
         try:
             with decode.decode_weights(model, True, threads, keep) as decoding:
-                cache = _prefill(model, prompts)
-                with decoding():
-                    step = decode_step(model, cache, batch, sampler)
-                    step()
+                with decoding(_prefill(model, prompts), 2 * steps + 4) as step:
+                    ids = mx.array([5] * batch)
+                    run = lambda: mx.eval(sampler(step(ids)))  # noqa: E731
+                    run()
                     inside["kernel"] = 0.0
-                    ms = median_ms(step, steps)
+                    ms = median_ms(run, steps)
                     kernel_ms = 1e3 * inside["kernel"] / (steps + 1)
+                    where = "whole step on the host" if isinstance(step, decode.HostStep) else "linear layers only"
         finally:
-            decode.Kernel.matmul = run
-    return [(f"decode step, fast_decode kernel, {threads} thread(s)", ms, f"{ms / read_ms:.1f}x the bound"),
-            ("  of which the kernel (linear layers and head)", kernel_ms, f"{kernel_ms / read_ms:.1f}x the bound"),
-            ("  of which MLX's ops between layers, sampling, Python", ms - kernel_ms, ""),
+            decode.Kernel.matmul = run_matmul
+    return [(f"decode step, fast_decode kernel ({where}), {threads} thread(s)", ms, f"{ms / read_ms:.1f}x the bound"),
+            ("  of which the kernel's matmuls (linear layers and head)", kernel_ms, f"{kernel_ms / read_ms:.1f}x the bound"),
+            ("  of which the rest: norms, rotary, attention, SwiGLU, sampling, Python", ms - kernel_ms, ""),
             ("packing the weights (first rollout, fresh memory)", pack_first, ""),
             ("packing the weights (later rollouts, memory kept)", pack_ms, "")]
 

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .compute.batching import iterate_batches
-from .compute.decode import load_kernel
+from .compute.decode import load_kernel, whole_step_on_host
 from .compute.forward import Forward, resolve_prefix_sharing
 from .compute.reference import make_reference, token_reference
 from .errors import ConfigError
@@ -364,7 +364,8 @@ def build(method: Method, args: Any, loaded: Loaded, say: Callable[[str], None] 
         raise ConfigError(f"{method.name} samples from the policy, but {problem}")
     if fast:
         kernel, how_built = load_kernel()
-        say(f"[INFO] Sampling: decode steps through mlx-dpo's CPU kernel ({how_built})." if kernel else
+        whole = "the whole step on the host" if whole_step_on_host(model) else "the linear layers; the rest in MLX"
+        say(f"[INFO] Sampling: decode steps through mlx-dpo's CPU kernel ({how_built}): {whole}." if kernel else
             f"[INFO] Sampling: adapters merged into the weights; the CPU decode kernel is off ({how_built}).")
     batches = partial(iterate_batches, pad_id=pad_id, pad_multiple=args.pad_to_multiple, share_prefix=share)
     if any(ds is not None and "confidence" in getattr(ds, "fields", {}) for ds in sets.values()):

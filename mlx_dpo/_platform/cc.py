@@ -51,7 +51,7 @@ def _compile(compiler: str, flags: list[str], source: str, target: str) -> Optio
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, source, "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *flags, source, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode:
             lines = [x for x in done.stderr.splitlines() if "error" in x] or done.stderr.splitlines() or ["no output"]
             return lines[0].strip()

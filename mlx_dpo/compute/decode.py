@@ -6,79 +6,43 @@ reading the weights once. A BLAS GEMM copies (packs) each matrix before using it
 reaches a third to a half of the memory bandwidth here (BENCHMARKS.md). ``decode_kernel.c`` reads
 weights packed once per rollout instead, the adapters merged in on the way, and gets close to it.
 
-``decode_weights(model, fast)`` is what sampling wraps itself in:
+``decode_weights(model, fast)`` is what sampling wraps itself in. It yields
+``decoding(cache, max_tokens)``, a context giving the ``Step`` to run a batch's decode steps
+with, over the batch cache a prefill filled:
 
-- ``fast`` off: the model as it is;
-- the kernel built (``_platform/cc.py``): every float32 linear layer, LoRA/DoRA-adapted or not,
+- ``fast`` off: the model's own forward pass (``ModelStep``);
+- the kernel built (``compute/kernel.py``): every float32 linear layer, LoRA/DoRA-adapted or not,
   and a float32 embedding that is also the vocabulary head (``as_linear``, where the model has
-  no ``lm_head``) is packed on entry; each decode
-  batch then runs inside ``decoding()``, which swaps in ``PackedLinear``/``PackedEmbedding``
-  layers and back. Prefill keeps the model's own layers (many rows: the BLAS is the right tool);
-  quantized layers keep theirs;
+  no ``lm_head``) is packed on entry. Where ``host_decode`` knows the model (Llama, Mistral,
+  Qwen2, Qwen3, every layer packed), the whole step runs on the host over a copy of the cache
+  (``HostStep``); otherwise each decode batch runs the model's forward pass with
+  ``PackedLinear``/``PackedEmbedding`` layers swapped in, and back afterwards. Prefill keeps the
+  model's own layers (many rows: the BLAS is the right tool); quantized layers keep theirs;
 - no compiler: the adapters merged into MLX weights (``reference.adapters_merged``) throughout.
 
 The sampled distribution is the adapted model's up to float rounding, as with the adapter layers
-(tests/compute/test_decode.py bounds it against float64 NumPy).
+(tests/compute/test_decode.py and test_host_decode.py bound it against float64 NumPy and the
+model's own forward pass).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import os
-from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .._platform import blas, cc
+from .._platform import blas
+from .host_decode import HostCache, HostModel, host_cache, host_model, keep_rows
+from .host_decode import step as host_step
+from .kernel import Kernel, load_kernel
 from .reference import adapters_merged, modules_replaced
 
 MAX_ROWS = 16  # more rows than this per call (a prefill, big batches): the model's own layer
-SOURCE = os.path.join(os.path.dirname(__file__), "decode_kernel.c")
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """The compiled ``decode_kernel.c``: ``pack`` a weight (and adapter), ``matmul`` rows by it."""
-
-    lib: ctypes.CDLL
-    tile: int
-    how: str  # compiler, flags, threading
-
-    def packed_shape(self, weight_shape: tuple) -> tuple[int, int, int]:
-        n_out, k = weight_shape
-        return -(-n_out // self.tile), k, self.tile
-
-    def pack(self, weight: np.ndarray, lora: Optional[tuple[np.ndarray, np.ndarray, float]], out: np.ndarray, threads: int) -> None:
-        """``out`` (``packed_shape``, C-contiguous float32) = the packed ``weight + scale (a b)^T``."""
-        n_out, k = weight.shape
-        a, b, scale = lora if lora is not None else (None, None, 0.0)
-        rank = a.shape[1] if a is not None else 0
-        self.lib.pack(weight.ctypes.data, a.ctypes.data if a is not None else None, b.ctypes.data if b is not None else None,
-                      scale, rank, n_out, k, out.ctypes.data, threads)
-
-    def matmul(self, x: np.ndarray, packed: np.ndarray, n_out: int, threads: int) -> np.ndarray:
-        if x.shape[1] != packed.shape[1]:  # the C code would read past the buffer
-            raise ValueError(f"rows of {x.shape[1]} values for a weight of {packed.shape[1]} inputs")
-        y = np.empty((x.shape[0], n_out), np.float32)
-        self.lib.rows_matmul(x.ctypes.data, packed.ctypes.data, y.ctypes.data, x.shape[0], x.shape[1], n_out, threads)
-        return y
-
-
-@functools.lru_cache(maxsize=1)
-def load_kernel() -> tuple[Optional[Kernel], str]:
-    """The kernel built for this machine (once per process), or None and why not."""
-    lib, how = cc.build(SOURCE)
-    if lib is None:
-        return None, how
-    lib.pack.argtypes = [_P, _P, _P, _F, _I, _I, _I, _P, _I]
-    lib.rows_matmul.argtypes = [_P, _P, _P, _I, _I, _I, _I]
-    return Kernel(lib, int(lib.tile_width()), how), how
+Decoding = Callable[[list, int], ContextManager]  # (batch cache, max new tokens) -> context giving the step
 
 
 def _host(a: mx.array) -> np.ndarray:
@@ -98,6 +62,11 @@ class _Packed(nn.Module):
     @staticmethod
     def _fits(x: mx.array) -> bool:
         return x.size // x.shape[-1] <= MAX_ROWS and x.dtype == mx.float32
+
+    def host_matmul(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The packed product on NumPy rows, the bias added (``host_decode``'s linear layers)."""
+        bias = _host(self["bias"]) if "bias" in self else None
+        return self._run if bias is None else lambda x: self._run(x) + bias
 
     def _project(self, x: mx.array) -> mx.array:
         mx.eval(x)
@@ -137,10 +106,8 @@ def _packable(module: nn.Module, tied_head: bool) -> Optional[tuple[mx.array, Op
     return None
 
 
-def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -> list[tuple[str, nn.Module]]:
-    """The packed layers, each as ``(name of the layer it stands in for, module)``. The packed
-    weights share one buffer, kept in ``keep["arena"]`` for the next call: a fresh one would be
-    mapped page by page again each rollout."""
+def _packable_layers(model: nn.Module) -> list[tuple[str, nn.Module, tuple]]:
+    """``(name, layer, (weight, lora))`` of every layer the kernel can take."""
     modules = model.named_modules()
     tied_head = "lm_head" not in dict(modules)
     found, names = [], set()
@@ -150,6 +117,14 @@ def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -
         if (weight_lora := _packable(module, tied_head)) is not None:
             found.append((name, module, weight_lora))
             names.add(name)
+    return found
+
+
+def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -> list[tuple[str, _Packed]]:
+    """The packed layers, each as ``(name of the layer it stands in for, module)``. The packed
+    weights share one buffer, kept in ``keep["arena"]`` for the next call: a fresh one would be
+    mapped page by page again each rollout."""
+    found = _packable_layers(model)
     shapes = [kernel.packed_shape(w.shape) for _, _, (w, _) in found]
     size = sum(int(np.prod(s)) for s in shapes)
     arena = keep.get("arena")
@@ -170,20 +145,73 @@ def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -
     return packed
 
 
+def whole_step_on_host(model: nn.Module) -> bool:
+    """Whether ``fast_decode`` runs this model's whole decode step on the host (``host_decode``),
+    rather than only its linear layers."""
+    kernel = load_kernel()[0]
+    names = dict.fromkeys(name for name, _, _ in _packable_layers(model))
+    return kernel is not None and host_model(model, names, kernel, 1) is not None
+
+
+class ModelStep:
+    """A decode step by the model's own forward pass over mlx-lm's batch cache."""
+
+    def __init__(self, model: nn.Module, cache: list):
+        self.model, self.cache = model, cache
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return self.model(ids[:, None], cache=self.cache)[:, -1, :]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        idx = mx.array(rows)
+        for c in self.cache:
+            c.filter(idx)
+
+
+class HostStep:
+    """A decode step by ``host_decode.step`` over the batch cache copied to the host."""
+
+    def __init__(self, hm: HostModel, cache: HostCache):
+        self.hm, self.cache = hm, cache
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        return mx.array(host_step(self.hm, self.cache, np.asarray(ids, np.int64)))
+
+    def keep_rows(self, rows: list[int]) -> None:
+        keep_rows(self.cache, np.array(rows))
+
+
+Step = Union[ModelStep, HostStep]  # ids (rows,) -> logits (rows, vocab); ``keep_rows`` drops finished rows
+
+
 @contextlib.contextmanager
-def decode_weights(model: nn.Module, fast: bool, threads: int = 0, keep: Optional[dict] = None) -> Iterator[Callable[[], ContextManager]]:
-    """Yields ``decoding()``: a context to run each batch's decode steps in (see the module's
-    docstring). The kernel runs on ``threads`` threads (0: as many as the BLAS has now). What it
-    computes does not depend on the count: each output is one sum over k, in order. ``keep``: a
-    dict of the caller's that holds the packed weights' memory from one call to the next (the
-    size of the float32 weights; None: freed on exit)."""
+def _on_host_or_swapped(model: nn.Module, packed: list, hm: Optional[HostModel], cache: list, max_tokens: int) -> Iterator:
+    host = host_cache(hm, cache, max_tokens) if hm is not None else None
+    if host is not None:
+        yield HostStep(hm, host)
+        return
+    with modules_replaced(model, packed):
+        yield ModelStep(model, cache)
+
+
+@contextlib.contextmanager
+def decode_weights(model: nn.Module, fast: bool, threads: int = 0, keep: Optional[dict] = None) -> Iterator[Decoding]:
+    """Yields ``decoding(cache, max_tokens)``: a context giving the step (``ModelStep`` or
+    ``HostStep``) to run a batch's decode steps with, over the batch cache a prefill filled (see
+    the module's docstring). The kernel runs on ``threads`` threads (0: as many as the BLAS has
+    now). What it computes does not depend on the count: each output is one sum over k, in order.
+    ``keep``: a dict of the caller's that holds the packed weights' memory from one call to the
+    next (the size of the float32 weights; None: freed on exit)."""
+    plain: Decoding = lambda cache, max_tokens: contextlib.nullcontext(ModelStep(model, cache))  # noqa: E731
     if not fast:
-        yield contextlib.nullcontext
+        yield plain
         return
     kernel = load_kernel()[0]
     if kernel is None:
         with adapters_merged(model):
-            yield contextlib.nullcontext
+            yield plain
         return
-    packed = _packed_layers(model, kernel, threads or blas.get_threads() or 1, {} if keep is None else keep)
-    yield functools.partial(modules_replaced, model, packed)
+    threads = threads or blas.get_threads() or 1
+    packed = _packed_layers(model, kernel, threads, {} if keep is None else keep)
+    hm = host_model(model, {name: layer.host_matmul() for name, layer in packed}, kernel, threads)
+    yield functools.partial(_on_host_or_swapped, model, packed, hm)

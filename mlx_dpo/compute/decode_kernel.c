@@ -7,7 +7,9 @@
    output is summed over k in order, whatever the thread count. Built by mlx_dpo/_platform/cc.py
    for the machine it runs on; used by mlx_dpo/compute/decode.py. */
 
+#include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 typedef float vf __attribute__((vector_size(32), aligned(4))); /* 8 floats, unaligned loads */
 
@@ -83,5 +85,85 @@ void pack(const float *restrict w, const float *restrict a, const float *restric
             }
             for (int v = 0; v < VECS; v++) *(vf *)(dst + (size_t)k * TILE + 8 * v) = acc[v];
         }
+    }
+}
+
+/* ---- The rest of a decode step (compute/host_decode.py): a few rows, so plain loops. ---- */
+
+static float dot(const float *restrict a, const float *restrict b, int n) {
+    vf acc = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc += *(const vf *)(a + i) * *(const vf *)(b + i);
+    float s = 0.0f;
+    for (int j = 0; j < 8; j++) s += acc[j];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* out (rows, n) = x / sqrt(mean(x^2) + eps) * w, row by row (RMSNorm; also per head). */
+void rms_norm(const float *x, const float *w, float eps, int rows, int n, float *out) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float inv = 1.0f / sqrtf(dot(xr, xr, n) / n + eps);
+        for (int i = 0; i < n; i++) out[(size_t)r * n + i] = xr[i] * inv * w[i];
+    }
+}
+
+/* out = silu(gate) * up = gate / (1 + exp(-gate)) * up (SwiGLU). */
+void silu_mul(const float *gate, const float *up, long n, float *out) {
+    for (long i = 0; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* x (dim) rotated by angles with cosines c and sines s (dim / 2 each): the pairs are (i, i + dim/2),
+   or (2i, 2i + 1) where traditional. */
+static void rotate(const float *x, const float *c, const float *s, int dim, int traditional, float scale, float *out) {
+    int half = dim / 2;
+    for (int i = 0; i < half; i++) {
+        int ia = traditional ? 2 * i : i, ib = traditional ? 2 * i + 1 : i + half;
+        float a = x[ia], b = x[ib];
+        out[ia] = (a * c[i] - b * s[i]) * scale;
+        out[ib] = (a * s[i] + b * c[i]) * scale;
+    }
+}
+
+/* One new token per row. q (rows, heads, dim), k and v (rows, kv_heads, dim): q and k are rotated
+   to each row's position, k and v written to slot `slot` of the cache (rows, kv_heads, capacity,
+   dim), and each query head attends over its kv head's slots [start[r], slot] (earlier slots are
+   the row's padding). out (rows, heads * dim). */
+void attend(const float *q, const float *k, const float *v, float *keys, float *values, int rows, int heads, int kv_heads,
+            int dim, int capacity, int slot, const long long *start, const long long *position, const float *cos,
+            const float *sin, int traditional, float scale, float *out, int threads) {
+    int group = heads / kv_heads, half = dim / 2;
+    (void)threads;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *c = cos + (size_t)position[r] * half, *s = sin + (size_t)position[r] * half;
+        float *scores = malloc(sizeof(float) * (size_t)(slot + 1));
+        float *qr = malloc(sizeof(float) * (size_t)dim);
+        for (int h = 0; h < kv_heads; h++) {
+            size_t at = (((size_t)r * kv_heads + h) * capacity + slot) * dim;
+            rotate(k + ((size_t)r * kv_heads + h) * dim, c, s, dim, traditional, 1.0f, keys + at);
+            for (int i = 0; i < dim; i++) values[at + i] = v[((size_t)r * kv_heads + h) * dim + i];
+        }
+        for (int h = 0; h < heads; h++) {
+            const float *kh = keys + ((size_t)r * kv_heads + h / group) * capacity * dim;
+            const float *vh = values + ((size_t)r * kv_heads + h / group) * capacity * dim;
+            float *o = out + ((size_t)r * heads + h) * dim;
+            rotate(q + ((size_t)r * heads + h) * dim, c, s, dim, traditional, scale, qr);
+            float top = -INFINITY, total = 0.0f;
+            for (int j = (int)start[r]; j <= slot; j++) {
+                scores[j] = dot(qr, kh + (size_t)j * dim, dim);
+                top = scores[j] > top ? scores[j] : top;
+            }
+            for (int i = 0; i < dim; i++) o[i] = 0.0f;
+            for (int j = (int)start[r]; j <= slot; j++) {
+                float w = expf(scores[j] - top);
+                total += w;
+                for (int i = 0; i < dim; i++) o[i] += w * vh[(size_t)j * dim + i];
+            }
+            for (int i = 0; i < dim; i++) o[i] /= total;
+        }
+        free(scores);
+        free(qr);
     }
 }

@@ -14,7 +14,8 @@ larger than ``max_batch`` is split over several batches). For each batch:
 2. *Share.* ``cache.filter([0]*G + [1]*G + ...)`` gathers each prompt's
    keys/values G times along the batch axis; the prompts are never re-run.
 3. *Decode.* Every row starts from its prompt's last token; each step is one
-   ``(B, 1)`` forward pass whose per-row left padding is masked by the cache.
+   ``(B, 1)`` forward pass whose per-row left padding is masked by the cache
+   (the model's own, or ``compute.decode``'s with ``fast_decode``).
    Step t+1 is queued (``mx.async_eval``) before the tokens of step t are read,
    so Python bookkeeping overlaps the model. A row stops at an EOS id (kept)
    or at ``max_tokens``; finished rows are dropped from the cache right away,
@@ -38,7 +39,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
-from ..compute.decode import decode_weights
+from ..compute.decode import Step, decode_weights
 from ..compute.forward import eval_mode
 from ..compute.streams import blas_threads
 
@@ -161,28 +162,24 @@ def _prefill(model: nn.Module, prompts: list[list[int]]) -> list:
 
 
 def _decode(
-    model: nn.Module,
-    cache: list,
+    step: Step,
     first: list[int],
     sampler: Callable[[mx.array], mx.array],
     eos: frozenset[int],
     max_tokens: int,
 ) -> list[tuple[list[int], bool]]:
-    """Sample from a filled batch cache until every row has an EOS or ``max_tokens`` ids."""
+    """Sample from a filled batch cache until every row has an EOS or ``max_tokens`` ids.
+    ``step``: ids -> next-token logits, its cache growing a slot (``compute.decode``)."""
     out: list[list[int]] = [[] for _ in first]
     done = [False] * len(first)
     alive = list(range(len(first)))  # original row of each cache row
 
-    def step(inputs: mx.array) -> mx.array:
-        logits = model(inputs[:, None], cache=cache)[:, -1, :]
-        return sampler(logits)
-
-    y = step(mx.array(first))
+    y = sampler(step(mx.array(first)))
     mx.async_eval(y)
     for n in range(1, max_tokens + 1):
         nxt = None
         if n < max_tokens:  # queue the next step before reading this one
-            nxt = step(y)
+            nxt = sampler(step(y))
             mx.async_eval(nxt)
         keep = []
         for j, tok in enumerate(y.tolist()):
@@ -195,10 +192,8 @@ def _decode(
         if nxt is None or not keep:
             break
         if len(keep) < len(alive):  # drop finished rows: later steps cost less
-            idx = mx.array(keep)
-            for c in cache:
-                c.filter(idx)
-            nxt = nxt[idx]
+            step.keep_rows(keep)
+            nxt = nxt[mx.array(keep)]
             alive = [alive[j] for j in keep]
         y = nxt
     return list(zip(out, done))
@@ -252,8 +247,8 @@ def sample_groups(
                 for c in rows_cache:
                     c.filter(idx)
                 first = [prompts[chunk[j]][-1] for j in rows]
-                with decoding():
-                    outs = _decode(model, rows_cache, first, sampler, eos, params.max_tokens)
+                with decoding(rows_cache, params.max_tokens) as step:
+                    outs = _decode(step, first, sampler, eos, params.max_tokens)
                 seen: dict[int, int] = {}
                 for j, (ids, finished) in zip(rows, outs):
                     i = chunk[j]

@@ -54,7 +54,7 @@ def test_packed_layers_compute_the_layers_in_float64_and_fall_back_past_max_rows
     net.eval()
     originals = dict(net.named_modules())
     rng = np.random.default_rng(0)
-    with decode_weights(net, True, 2) as decoding, decoding():
+    with decode_weights(net, True, 2) as decoding, decoding([], 1):
         inside = dict(net.named_modules())
         assert {n: type(inside[n]) for n in ("plain", "lora", "dora", "embed_tokens")} == {
             "plain": PackedLinear, "lora": PackedLinear, "dora": PackedLinear, "embed_tokens": PackedEmbedding}
@@ -94,7 +94,7 @@ def test_a_model_decodes_through_the_kernel_and_gets_its_layers_back(kernel, tin
     before = {n: m for n, m in model.named_modules()}
     params = [k for k, _ in tree_flatten(model.trainable_parameters())]
     with decode_weights(model, True) as decoding:
-        with decoding():
+        with decoding([], 1):
             kinds = {type(m) for _, m in model.named_modules()}
             assert PackedLinear in kinds and LoRALinear not in kinds
         assert LoRALinear in {type(m) for _, m in model.named_modules()}  # prefill: the model's own layers
@@ -108,7 +108,7 @@ def test_without_a_compiler_the_adapters_are_merged_in_mlx(tiny_model_path, monk
     decode.load_kernel.cache_clear()
     try:
         assert load_kernel()[0] is None and "no C compiler" in load_kernel()[1]
-        with decode_weights(model, True) as decoding, decoding():
+        with decode_weights(model, True) as decoding, decoding([], 1):
             kinds = {type(m) for _, m in model.named_modules()}
             assert nn.Linear in kinds and LoRALinear not in kinds and PackedLinear not in kinds
     finally:
@@ -118,5 +118,5 @@ def test_without_a_compiler_the_adapters_are_merged_in_mlx(tiny_model_path, monk
 
 def test_off_leaves_the_model_alone(tiny_model_path):
     model = adapted_model(tiny_model_path)
-    with decode_weights(model, False) as decoding, decoding():
+    with decode_weights(model, False) as decoding, decoding([], 1):
         assert LoRALinear in {type(m) for _, m in model.named_modules()}

@@ -1,0 +1,109 @@
+"""``decode_kernel.c`` built for this machine (``_platform/cc.py``) and its functions on NumPy arrays.
+
+The C code reads its arguments' memory as it is: every method here checks the shapes and makes
+each array C-contiguous float32 first, so a wrong shape is an error rather than a read past a
+buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .._platform import cc
+
+SOURCE = os.path.join(os.path.dirname(__file__), "decode_kernel.c")
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """``pack`` a weight (and adapter), ``matmul`` rows by it; ``rms_norm``, ``silu_mul`` and
+    ``attend``: the rest of a decode step (``host_decode``)."""
+
+    lib: ctypes.CDLL
+    tile: int
+    how: str  # compiler, flags, threading
+
+    def packed_shape(self, weight_shape: tuple) -> tuple[int, int, int]:
+        n_out, k = weight_shape
+        return -(-n_out // self.tile), k, self.tile
+
+    def pack(self, weight: np.ndarray, lora: Optional[tuple[np.ndarray, np.ndarray, float]], out: np.ndarray, threads: int) -> None:
+        """``out`` (``packed_shape``, C-contiguous float32) = the packed ``weight + scale (a b)^T``."""
+        n_out, k = weight.shape
+        a, b, scale = lora if lora is not None else (None, None, 0.0)
+        rank = a.shape[1] if a is not None else 0
+        self.lib.pack(weight.ctypes.data, a.ctypes.data if a is not None else None, b.ctypes.data if b is not None else None,
+                      scale, rank, n_out, k, out.ctypes.data, threads)
+
+    def matmul(self, x: np.ndarray, packed: np.ndarray, n_out: int, threads: int) -> np.ndarray:
+        if x.shape[1] != packed.shape[1]:  # the C code would read past the buffer
+            raise ValueError(f"rows of {x.shape[1]} values for a weight of {packed.shape[1]} inputs")
+        x = _f32(x)
+        y = np.empty((x.shape[0], n_out), np.float32)
+        self.lib.rows_matmul(x.ctypes.data, packed.ctypes.data, y.ctypes.data, x.shape[0], x.shape[1], n_out, threads)
+        return y
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """RMSNorm over the last axis of ``x``, scaled by ``weight``."""
+        if x.shape[-1] != weight.shape[0]:
+            raise ValueError(f"rows of {x.shape[-1]} values for a norm of {weight.shape[0]}")
+        x, weight = _f32(x), _f32(weight)
+        out = np.empty_like(x)
+        self.lib.rms_norm(x.ctypes.data, weight.ctypes.data, eps, x.size // x.shape[-1], x.shape[-1], out.ctypes.data)
+        return out
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        if gate.shape != up.shape:
+            raise ValueError(f"gate {gate.shape} and up {up.shape} differ")
+        gate, up = _f32(gate), _f32(up)
+        out = np.empty_like(gate)
+        self.lib.silu_mul(gate.ctypes.data, up.ctypes.data, gate.size, out.ctypes.data)
+        return out
+
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray, slot: int,
+               start: np.ndarray, position: np.ndarray, cos: np.ndarray, sin: np.ndarray, traditional: bool,
+               scale: float, threads: int) -> np.ndarray:
+        """Rotate ``q`` (rows, heads, dim) and ``k`` (rows, kv heads, dim) to each row's
+        ``position``, write k and ``v`` to ``slot`` of the cache ``keys``/``values`` (rows, kv
+        heads, capacity, dim; written in place), and attend over each row's slots
+        ``[start, slot]``. Returns (rows, heads * dim)."""
+        rows, heads, dim = q.shape
+        kv_heads, capacity = keys.shape[1], keys.shape[2]
+        ok = (k.shape == v.shape == (rows, kv_heads, dim) and keys.shape == values.shape == (rows, kv_heads, capacity, dim)
+              and heads % kv_heads == 0 and dim % 2 == 0 and 0 <= slot < capacity and start.shape == position.shape == (rows,)
+              and cos.shape == sin.shape and cos.shape[1] == dim // 2 and int(position.max(initial=0)) < cos.shape[0]
+              and int(start.min(initial=0)) >= 0 and int(start.max(initial=0)) <= slot)
+        if not ok or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (keys, values, cos, sin)):
+            raise ValueError(f"attend: shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}, cache {keys.shape}, slot {slot}")
+        q, k, v = _f32(q), _f32(k), _f32(v)
+        start, position = np.ascontiguousarray(start, np.int64), np.ascontiguousarray(position, np.int64)
+        out = np.empty((rows, heads * dim), np.float32)
+        self.lib.attend(q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data, values.ctypes.data, rows, heads,
+                        kv_heads, dim, capacity, slot, start.ctypes.data, position.ctypes.data, cos.ctypes.data,
+                        sin.ctypes.data, int(traditional), scale, out.ctypes.data, threads)
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> tuple[Optional[Kernel], str]:
+    """The kernel built for this machine (once per process), or None and why not."""
+    lib, how = cc.build(SOURCE)
+    if lib is None:
+        return None, how
+    lib.pack.argtypes = [_P, _P, _P, _F, _I, _I, _I, _P, _I]
+    lib.rows_matmul.argtypes = [_P, _P, _P, _I, _I, _I, _I]
+    lib.rms_norm.argtypes = [_P, _P, _F, _I, _I, _P]
+    lib.silu_mul.argtypes = [_P, _P, _L, _P]
+    lib.attend.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _F, _P, _I]
+    return Kernel(lib, int(lib.tile_width()), how), how
