@@ -31,7 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from .kernel import Kernel
+from .kernel import Kernel, Slots
 
 SUPPORTED = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -170,8 +170,9 @@ def _attention(hm: HostModel, block: Block, h: np.ndarray, cache: HostCache, lay
     v = block.proj["v_proj"](h).reshape(rows, hm.n_kv_heads, hm.head_dim)
     if block.q_norm is not None:
         q, k = hm.kernel.rms_norm(q, block.q_norm, hm.eps), hm.kernel.rms_norm(k, block.k_norm, hm.eps)
-    out = hm.kernel.attend(q, k, v, cache.keys[layer], cache.values[layer], cache.length, cache.start, cache.position,
-                           cache.cos, cache.sin, hm.traditional, hm.scale, hm.threads)
+    slots = Slots(cache.keys[layer], cache.values[layer], cache.length, cache.start, cache.position, cache.cos, cache.sin,
+                  hm.traditional)
+    out = hm.kernel.attend(q, k, v, slots, hm.scale, hm.threads)
     return block.proj["o_proj"](out)
 
 

@@ -26,6 +26,22 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Slots:
+    """One layer's cache as ``attend`` takes it: keys and values (rows, kv heads, capacity, dim),
+    the slot the new token goes to, each row's first real slot and rotary position, and the
+    rotation tables (positions, dim / 2), the pairs interleaved where ``traditional``."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    slot: int
+    start: np.ndarray
+    position: np.ndarray
+    cos: np.ndarray
+    sin: np.ndarray
+    traditional: bool
+
+
+@dataclass(frozen=True)
 class Kernel:
     """``pack`` a weight (and adapter), ``matmul`` rows by it; ``rms_norm``, ``silu_mul`` and
     ``attend``: the rest of a decode step (``host_decode``)."""
@@ -71,27 +87,25 @@ class Kernel:
         self.lib.silu_mul(gate.ctypes.data, up.ctypes.data, gate.size, out.ctypes.data)
         return out
 
-    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, keys: np.ndarray, values: np.ndarray, slot: int,
-               start: np.ndarray, position: np.ndarray, cos: np.ndarray, sin: np.ndarray, traditional: bool,
-               scale: float, threads: int) -> np.ndarray:
+    def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, cache: Slots, scale: float, threads: int) -> np.ndarray:
         """Rotate ``q`` (rows, heads, dim) and ``k`` (rows, kv heads, dim) to each row's
-        ``position``, write k and ``v`` to ``slot`` of the cache ``keys``/``values`` (rows, kv
-        heads, capacity, dim; written in place), and attend over each row's slots
-        ``[start, slot]``. Returns (rows, heads * dim)."""
+        position, write k and ``v`` to the cache's slot (in place), and attend over each row's
+        slots ``[start, slot]``, queries scaled by ``scale``. Returns (rows, heads * dim)."""
+        c = cache
         rows, heads, dim = q.shape
-        kv_heads, capacity = keys.shape[1], keys.shape[2]
-        ok = (k.shape == v.shape == (rows, kv_heads, dim) and keys.shape == values.shape == (rows, kv_heads, capacity, dim)
-              and heads % kv_heads == 0 and dim % 2 == 0 and 0 <= slot < capacity and start.shape == position.shape == (rows,)
-              and cos.shape == sin.shape and cos.shape[1] == dim // 2 and int(position.max(initial=0)) < cos.shape[0]
-              and int(start.min(initial=0)) >= 0 and int(start.max(initial=0)) <= slot)
-        if not ok or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (keys, values, cos, sin)):
-            raise ValueError(f"attend: shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}, cache {keys.shape}, slot {slot}")
+        kv_heads, capacity = c.keys.shape[1], c.keys.shape[2]
+        ok = (k.shape == v.shape == (rows, kv_heads, dim) and c.keys.shape == c.values.shape == (rows, kv_heads, capacity, dim)
+              and heads % kv_heads == 0 and dim % 2 == 0 and 0 <= c.slot < capacity and c.start.shape == c.position.shape == (rows,)
+              and c.cos.shape == c.sin.shape and c.cos.shape[1] == dim // 2 and int(c.position.max(initial=0)) < c.cos.shape[0]
+              and int(c.start.min(initial=0)) >= 0 and int(c.start.max(initial=0)) <= c.slot)
+        if not ok or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (c.keys, c.values, c.cos, c.sin)):
+            raise ValueError(f"attend: shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}, cache {c.keys.shape}, slot {c.slot}")
         q, k, v = _f32(q), _f32(k), _f32(v)
-        start, position = np.ascontiguousarray(start, np.int64), np.ascontiguousarray(position, np.int64)
+        start, position = np.ascontiguousarray(c.start, np.int64), np.ascontiguousarray(c.position, np.int64)
         out = np.empty((rows, heads * dim), np.float32)
-        self.lib.attend(q.ctypes.data, k.ctypes.data, v.ctypes.data, keys.ctypes.data, values.ctypes.data, rows, heads,
-                        kv_heads, dim, capacity, slot, start.ctypes.data, position.ctypes.data, cos.ctypes.data,
-                        sin.ctypes.data, int(traditional), scale, out.ctypes.data, threads)
+        self.lib.attend(q.ctypes.data, k.ctypes.data, v.ctypes.data, c.keys.ctypes.data, c.values.ctypes.data, rows, heads,
+                        kv_heads, dim, capacity, c.slot, start.ctypes.data, position.ctypes.data, c.cos.ctypes.data,
+                        c.sin.ctypes.data, int(c.traditional), scale, out.ctypes.data, threads)
         return out
 
 

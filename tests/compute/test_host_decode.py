@@ -11,7 +11,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlx_dpo.compute import host_decode
 from mlx_dpo.compute.decode import HostStep, ModelStep, PackedLinear, decode_weights, whole_step_on_host
-from mlx_dpo.compute.kernel import load_kernel
+from mlx_dpo.compute.kernel import Slots, load_kernel
 from mlx_dpo.online.rollout import _prefill
 from tests.support import tiny_architecture
 
@@ -67,7 +67,7 @@ def test_attention_rotates_fills_the_cache_slot_and_skips_each_rows_padding(kern
     start, position = np.array([0, 2, 5]), np.array([5, 3, 0])  # the last row: nothing before its token
     angles = np.arange(12)[:, None] * 0.3 ** np.arange(dim // 2)[None, :]
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    out = kernel.attend(q, k, v, keys, values, slot, start, position, cos, sin, traditional, 0.25, 2)
+    out = kernel.attend(q, k, v, Slots(keys, values, slot, start, position, cos, sin, traditional), 0.25, 2)
     c, s = cos[position][:, None].astype(np.float64), sin[position][:, None].astype(np.float64)
     k_rot, q_rot = rotate64(k.astype(np.float64), c, s, traditional), rotate64(q.astype(np.float64), c, s, traditional)
     np.testing.assert_allclose(keys[:, :, slot], k_rot, rtol=1e-6, atol=1e-6)
@@ -81,9 +81,9 @@ def test_attention_rotates_fills_the_cache_slot_and_skips_each_rows_padding(kern
             w = np.exp(scores - scores.max())
             np.testing.assert_allclose(out[r, h * dim : (h + 1) * dim], w @ vs / w.sum(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        kernel.attend(q, k, v, keys, values, capacity, start, position, cos, sin, traditional, 0.25, 1)
+        kernel.attend(q, k, v, Slots(keys, values, capacity, start, position, cos, sin, traditional), 0.25, 1)
     with pytest.raises(ValueError, match="shapes do not fit"):
-        kernel.attend(q, k[:2], v, keys, values, slot, start, position, cos, sin, traditional, 0.25, 1)
+        kernel.attend(q, k[:2], v, Slots(keys, values, slot, start, position, cos, sin, traditional), 0.25, 1)
 
 
 @pytest.mark.parametrize("rope", [nn.RoPE(16, traditional=False, base=500.0, scale=0.5), nn.RoPE(16, traditional=True, base=1e4),
