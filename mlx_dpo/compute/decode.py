@@ -36,9 +36,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .._platform import blas
-from .host_decode import HostCache, HostModel, host_cache, host_model, keep_rows
+from .host_decode import HostCache, HostModel, can_run, host_cache, host_model, keep_rows
 from .host_decode import step as host_step
-from .kernel import Kernel, load_kernel
+from .kernel import Kernel, Packed, load_kernel
 from .reference import adapters_merged, modules_replaced
 
 MAX_ROWS = 16  # more rows than this per call (a prefill, big batches): the model's own layer
@@ -63,10 +63,9 @@ class _Packed(nn.Module):
     def _fits(x: mx.array) -> bool:
         return x.size // x.shape[-1] <= MAX_ROWS and x.dtype == mx.float32
 
-    def host_matmul(self) -> Callable[[np.ndarray], np.ndarray]:
-        """The packed product on NumPy rows, the bias added (``host_decode``'s linear layers)."""
-        bias = _host(self["bias"]) if "bias" in self else None
-        return self._run if bias is None else lambda x: self._run(x) + bias
+    def packed(self) -> Packed:
+        """The packed weight and the layer's bias, as ``host_decode`` takes them."""
+        return Packed(self._run.keywords["packed"], self._run.keywords["n_out"], _host(self["bias"]) if "bias" in self else None)
 
     def _project(self, x: mx.array) -> mx.array:
         mx.eval(x)
@@ -148,9 +147,7 @@ def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -
 def whole_step_on_host(model: nn.Module) -> bool:
     """Whether ``fast_decode`` runs this model's whole decode step on the host (``host_decode``),
     rather than only its linear layers."""
-    kernel = load_kernel()[0]
-    names = dict.fromkeys(name for name, _, _ in _packable_layers(model))
-    return kernel is not None and host_model(model, names, kernel, 1) is not None
+    return load_kernel()[0] is not None and can_run(model, {name for name, _, _ in _packable_layers(model)})
 
 
 class ModelStep:
@@ -213,5 +210,5 @@ def decode_weights(model: nn.Module, fast: bool, threads: int = 0, keep: Optiona
         return
     threads = threads or blas.get_threads() or 1
     packed = _packed_layers(model, kernel, threads, {} if keep is None else keep)
-    hm = host_model(model, {name: layer.host_matmul() for name, layer in packed}, kernel, threads)
+    hm = host_model(model, {name: layer.packed() for name, layer in packed}, kernel, threads)
     yield functools.partial(_on_host_or_swapped, model, packed, hm)

@@ -167,3 +167,61 @@ void attend(const float *q, const float *k, const float *v, float *keys, float *
         free(qr);
     }
 }
+
+/* ---- Every decoder layer of a step in one call (compute/host_decode.py builds the records). ---- */
+
+typedef struct {
+    int layers, hidden, heads, kv_heads, dim, inter, traditional, threads;
+    float eps, scale;
+    /* per layer: the packed weights q, k, v, o, gate, up, down (7 per layer, in that order), their
+       biases (NULL: none), and the norms: input, post-attention, q and k per head (NULL: none) */
+    const float *const *weights;
+    const float *const *biases;
+    const float *const *norms;
+} Layers;
+
+typedef struct {
+    int rows, capacity, slot;
+    float *const *keys; /* per layer, rows x kv_heads x capacity x dim */
+    float *const *values;
+    const long long *start, *position;
+    const float *cos, *sin;
+} Cache;
+
+static void project(const Layers *m, int layer, int which, const float *x, int rows, int K, int n_out, float *y) {
+    rows_matmul(x, m->weights[7 * layer + which], y, rows, K, n_out, m->threads);
+    const float *b = m->biases[7 * layer + which];
+    if (b)
+        for (int r = 0; r < rows; r++)
+            for (int j = 0; j < n_out; j++) y[(size_t)r * n_out + j] += b[j];
+}
+
+/* x (rows, hidden): the residual stream, updated in place through every layer. */
+void decode_layers(const Layers *m, const Cache *c, float *x) {
+    int rows = c->rows, H = m->hidden, nq = m->heads * m->dim, nkv = m->kv_heads * m->dim;
+    size_t width = (size_t)(H > m->inter ? H : m->inter);
+    float *h = malloc(sizeof(float) * rows * width), *q = malloc(sizeof(float) * rows * (size_t)nq);
+    float *k = malloc(sizeof(float) * rows * (size_t)nkv), *v = malloc(sizeof(float) * rows * (size_t)nkv);
+    float *att = malloc(sizeof(float) * rows * (size_t)nq), *out = malloc(sizeof(float) * rows * width);
+    float *gate = malloc(sizeof(float) * rows * (size_t)m->inter), *up = malloc(sizeof(float) * rows * (size_t)m->inter);
+    for (int l = 0; l < m->layers; l++) {
+        const float *const *norm = m->norms + 4 * l;
+        rms_norm(x, norm[0], m->eps, rows, H, h);
+        project(m, l, 0, h, rows, H, nq, q);
+        project(m, l, 1, h, rows, H, nkv, k);
+        project(m, l, 2, h, rows, H, nkv, v);
+        if (norm[2]) rms_norm(q, norm[2], m->eps, rows * m->heads, m->dim, q);
+        if (norm[3]) rms_norm(k, norm[3], m->eps, rows * m->kv_heads, m->dim, k);
+        attend(q, k, v, c->keys[l], c->values[l], rows, m->heads, m->kv_heads, m->dim, c->capacity, c->slot, c->start,
+               c->position, c->cos, c->sin, m->traditional, m->scale, att, m->threads);
+        project(m, l, 3, att, rows, nq, H, out);
+        for (size_t i = 0; i < (size_t)rows * H; i++) x[i] += out[i];
+        rms_norm(x, norm[1], m->eps, rows, H, h);
+        project(m, l, 4, h, rows, H, m->inter, gate);
+        project(m, l, 5, h, rows, H, m->inter, up);
+        silu_mul(gate, up, (long)rows * m->inter, gate);
+        project(m, l, 6, gate, rows, m->inter, H, out);
+        for (size_t i = 0; i < (size_t)rows * H; i++) x[i] += out[i];
+    }
+    free(h); free(q); free(k); free(v); free(att); free(out); free(gate); free(up);
+}

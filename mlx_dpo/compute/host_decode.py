@@ -24,43 +24,29 @@ positions), so prefill is unchanged. The logits are the adapted model's up to fl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.rope_utils import Llama3RoPE
 
-from .kernel import Kernel, Slots
+from .kernel import Dims, Kernel, LayerStack, Packed, Slots
 
 SUPPORTED = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MatMul = Callable[[np.ndarray], np.ndarray]  # (rows, in) -> (rows, out), bias included
-
-
-@dataclass(frozen=True)
-class Block:
-    proj: dict[str, MatMul]  # PROJECTIONS -> its packed matmul
-    input_norm: np.ndarray
-    post_norm: np.ndarray
-    q_norm: Optional[np.ndarray]  # Qwen3's per-head norms, else None
-    k_norm: Optional[np.ndarray]
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+               "mlp.down_proj")  # the order decode_layers takes them in
+NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm")
 
 
 @dataclass(frozen=True)
 class HostModel:
     embed: np.ndarray  # (vocab, hidden): the embedding's own memory, not a copy
-    blocks: list[Block]
+    stack: LayerStack  # the decoder layers, as the kernel runs them
     norm: np.ndarray
-    head: MatMul
-    eps: float
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    scale: float
+    head: Packed
     rope: nn.Module  # the model's, for its cos/sin tables
-    traditional: bool  # rotary pairs interleaved (else the two halves)
-    kernel: Kernel  # norms, attention and SwiGLU (the matmuls come bound in ``proj`` and ``head``)
+    kernel: Kernel
     threads: int
 
 
@@ -83,55 +69,66 @@ def _host(a: mx.array) -> np.ndarray:
     return np.asarray(memoryview(a)) if a.dtype == mx.float32 else np.asarray(a.astype(mx.float32))
 
 
-def _rope_of(attn: nn.Module, head_dim: int) -> Optional[tuple[nn.Module, bool]]:
-    rope = attn.rope
-    if type(rope) not in (nn.RoPE, Llama3RoPE) or getattr(rope, "dims", None) != head_dim:
-        return None  # partial rotary or position-dependent scaling: the model's own layers
-    return rope, bool(rope.traditional)
+def _module(root: nn.Module, dotted: str) -> Optional[nn.Module]:
+    for part in dotted.split("."):
+        root = root.get(part) if isinstance(root, nn.Module) else None
+    return root
 
 
-def _block(layer: nn.Module, name: str, packed: dict[str, MatMul]) -> Optional[Block]:
-    if type(layer).__module__ not in SUPPORTED or getattr(layer, "use_sliding", False):
+def _layout(model: nn.Module, packed: set[str]) -> Optional[Dims]:
+    """The decoder's sizes where ``step`` can run it, else None: one of ``SUPPORTED`` as mlx-lm
+    builds it, no sliding window, every projection and the head in ``packed``, float32 RMSNorms
+    sharing one epsilon, a rotary embedding over the whole head of a kind ``_rope_tables`` reads."""
+    if type(model).__module__ not in SUPPORTED or ("lm_head" not in packed and "model.embed_tokens" not in packed):
         return None
-    attn = layer.self_attn
-    names = {p: f"{name}.{'mlp' if p in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{p}" for p in PROJECTIONS}
-    if any(n not in packed for n in names.values()):
-        return None  # a quantized layer, say
-    norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
-    return Block({p: packed[n] for p, n in names.items()}, _host(layer.input_layernorm.weight),
-                 _host(layer.post_attention_layernorm.weight), *[_host(n.weight) if n is not None else None for n in norms])
+    inner = model.model
+    layers, attn = inner.layers, inner.layers[0].self_attn
+    if type(inner.embed_tokens) is not nn.Embedding or inner.embed_tokens.weight.dtype != mx.float32:
+        return None
+    rope, heads = attn.rope, attn.n_heads
+    norms = [_module(layer, n) for layer in layers for n in NORMS] + [inner.norm]
+    eps = {float(n.eps) for n in norms if n is not None}
+    gate = layers[0].mlp.gate_proj
+    inter = (gate["linear"] if "linear" in gate else gate).weight.shape[0]
+    dims = Dims(inner.embed_tokens.weight.shape[1], heads, attn.n_kv_heads, getattr(rope, "dims", 0), inter,
+                eps.pop() if len(eps) == 1 else 0.0, float(attn.scale), bool(getattr(rope, "traditional", False)))
+    ok = (type(rope) in (nn.RoPE, Llama3RoPE) and dims.eps > 0
+          and all(type(layer).__module__ in SUPPORTED and not getattr(layer, "use_sliding", False) for layer in layers)
+          and all(f"model.layers.{i}.{p}" in packed for i in range(len(layers)) for p in PROJECTIONS)
+          and all(type(n) is nn.RMSNorm and n.weight.dtype == mx.float32 for n in norms if n is not None))
+    return dims if ok else None
 
 
-def host_model(model: nn.Module, packed: dict[str, MatMul], kernel: Kernel, threads: int) -> Optional[HostModel]:
-    """The model as ``step`` runs it, or None where it is not one of ``SUPPORTED`` as built by
-    mlx-lm. ``packed``: layer name -> the packed matmul standing in for it (``decode.py``)."""
-    if type(model).__module__ not in SUPPORTED:
+def host_model(model: nn.Module, packed: dict[str, Packed], kernel: Kernel, threads: int) -> Optional[HostModel]:
+    """The model as ``step`` runs it, or None where ``_layout`` says it cannot. ``packed``: layer
+    name -> its weight packed by the kernel (``decode.py``)."""
+    dims = _layout(model, set(packed))
+    if dims is None:
         return None
-    inner, head = model.model, packed.get("lm_head", packed.get("model.embed_tokens"))
-    if ("lm_head" not in packed and "model.embed_tokens" not in packed) or type(inner.embed_tokens) is not nn.Embedding:
-        return None
-    if inner.embed_tokens.weight.dtype != mx.float32 or type(inner.norm) is not nn.RMSNorm:
-        return None
-    blocks = [_block(layer, f"model.layers.{i}", packed) for i, layer in enumerate(inner.layers)]
-    if any(b is None for b in blocks):
-        return None
-    attn = inner.layers[0].self_attn
-    base_q = attn.q_proj["linear"] if "linear" in attn.q_proj else attn.q_proj
-    rope = _rope_of(attn, base_q.weight.shape[0] // attn.n_heads)
-    if rope is None:
-        return None
-    return HostModel(_host(inner.embed_tokens.weight), blocks, _host(inner.norm.weight), head, float(inner.norm.eps),
-                     attn.n_heads, attn.n_kv_heads, rope[0].dims, float(attn.scale), rope[0], rope[1], kernel, threads)
+    inner = model.model
+    weights = [[packed[f"model.layers.{i}.{p}"] for p in PROJECTIONS] for i in range(len(inner.layers))]
+    norms = [[_host(n.weight) if (n := _module(layer, name)) is not None else None for name in NORMS] for layer in inner.layers]
+    try:
+        stack = kernel.stack(dims, weights, norms, threads)
+    except ValueError:
+        return None  # sizes the layout did not foresee: the model's own layers
+    return HostModel(_host(inner.embed_tokens.weight), stack, _host(inner.norm.weight),
+                     packed.get("lm_head") or packed["model.embed_tokens"], inner.layers[0].self_attn.rope, kernel, threads)
 
 
-def _rope_tables(hm: HostModel, positions: int) -> tuple[np.ndarray, np.ndarray]:
+def can_run(model: nn.Module, packable: set[str]) -> bool:
+    """Whether ``host_model`` would take this model, given the names of the layers the kernel can pack."""
+    return _layout(model, packable) is not None
+
+
+def _rope_tables(rope: nn.Module, dim: int, traditional: bool, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin at positions ``[0, positions)``: the model's RoPE applied to a vector whose
     rotary pairs are (1, 0), so whatever frequencies and scaling it has are the ones used."""
-    half = hm.head_dim // 2
-    basis = np.zeros(hm.head_dim, np.float32)
-    basis[slice(0, None, 2) if hm.traditional else slice(0, half)] = 1.0
-    out = np.array(hm.rope(mx.broadcast_to(mx.array(basis), (1, 1, positions, hm.head_dim))))[0, 0]
-    if hm.traditional:
+    half = dim // 2
+    basis = np.zeros(dim, np.float32)
+    basis[slice(0, None, 2) if traditional else slice(0, half)] = 1.0
+    out = np.array(rope(mx.broadcast_to(mx.array(basis), (1, 1, positions, dim))))[0, 0]
+    if traditional:
         return out[:, 0::2].copy(), out[:, 1::2].copy()
     return out[:, :half].copy(), out[:, half:].copy()
 
@@ -139,13 +136,14 @@ def _rope_tables(hm: HostModel, positions: int) -> tuple[np.ndarray, np.ndarray]
 def host_cache(hm: HostModel, cache: list, max_tokens: int) -> Optional[HostCache]:
     """The MLX batch cache a prefill filled, copied to the host with room for ``max_tokens`` more
     slots; None where it is not mlx-lm's plain ``BatchKVCache``."""
-    if len(cache) != len(hm.blocks) or any(type(c).__name__ != "BatchKVCache" for c in cache):
+    d = hm.stack.dims
+    if len(cache) != len(hm.stack.weights) or any(type(c).__name__ != "BatchKVCache" for c in cache):
         return None
     c0 = cache[0]
     rows, length = int(c0.offset.shape[0]), int(c0._idx)
     keys, values = [], []
     for c in cache:
-        k = np.zeros((rows, hm.n_kv_heads, length + max_tokens, hm.head_dim), np.float32)
+        k = np.zeros((rows, d.kv_heads, length + max_tokens, d.dim), np.float32)
         v = np.zeros_like(k)
         if length:
             k[:, :, :length] = np.array(c.keys[..., :length, :].astype(mx.float32))
@@ -153,7 +151,7 @@ def host_cache(hm: HostModel, cache: list, max_tokens: int) -> Optional[HostCach
         keys.append(k)
         values.append(v)
     position = np.array(c0.offset, np.int64)
-    cos, sin = _rope_tables(hm, int(position.max()) + max_tokens + 1)
+    cos, sin = _rope_tables(hm.rope, d.dim, d.traditional, int(position.max()) + max_tokens + 1)
     return HostCache(keys, values, length, np.array(c0.left_padding, np.int64), position, cos, sin)
 
 
@@ -163,26 +161,12 @@ def keep_rows(cache: HostCache, rows: np.ndarray) -> None:
     cache.start, cache.position = cache.start[rows], cache.position[rows]
 
 
-def _attention(hm: HostModel, block: Block, h: np.ndarray, cache: HostCache, layer: int) -> np.ndarray:
-    rows = h.shape[0]
-    q = block.proj["q_proj"](h).reshape(rows, hm.n_heads, hm.head_dim)
-    k = block.proj["k_proj"](h).reshape(rows, hm.n_kv_heads, hm.head_dim)
-    v = block.proj["v_proj"](h).reshape(rows, hm.n_kv_heads, hm.head_dim)
-    if block.q_norm is not None:
-        q, k = hm.kernel.rms_norm(q, block.q_norm, hm.eps), hm.kernel.rms_norm(k, block.k_norm, hm.eps)
-    slots = Slots(cache.keys[layer], cache.values[layer], cache.length, cache.start, cache.position, cache.cos, cache.sin,
-                  hm.traditional)
-    out = hm.kernel.attend(q, k, v, slots, hm.scale, hm.threads)
-    return block.proj["o_proj"](out)
-
-
 def step(hm: HostModel, cache: HostCache, ids: np.ndarray) -> np.ndarray:
     """Logits ``(rows, vocab)`` for one new token per row; the cache takes its keys and values."""
-    x, norm = hm.embed[ids], hm.kernel.rms_norm
-    for layer, block in enumerate(hm.blocks):
-        x = x + _attention(hm, block, norm(x, block.input_norm, hm.eps), cache, layer)
-        h = norm(x, block.post_norm, hm.eps)
-        x = x + block.proj["down_proj"](hm.kernel.silu_mul(block.proj["gate_proj"](h), block.proj["up_proj"](h)))
+    d = hm.stack.dims
+    slots = [Slots(k, v, cache.length, cache.start, cache.position, cache.cos, cache.sin, d.traditional)
+             for k, v in zip(cache.keys, cache.values)]
+    x = hm.kernel.decode_layers(hm.stack, hm.embed[ids], slots)
     cache.length += 1
     cache.position = cache.position + 1
-    return hm.head(norm(x, hm.norm, hm.eps))
+    return hm.kernel.apply(hm.head, hm.kernel.rms_norm(x, hm.norm, d.eps), hm.threads)

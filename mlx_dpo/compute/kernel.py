@@ -26,6 +26,58 @@ def _f32(a: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class Packed:
+    """A weight packed by ``Kernel.pack`` ((tiles, inputs, tile) float32), its output count, and
+    the layer's bias (or None)."""
+
+    matrix: np.ndarray
+    n_out: int
+    bias: Optional[np.ndarray] = None
+
+
+@dataclass(frozen=True)
+class Dims:
+    """A decoder layer's sizes and constants, as ``decode_layers`` takes them."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    dim: int  # per head
+    inter: int  # the MLP's inner width
+    eps: float
+    scale: float  # the attention's query scale
+    traditional: bool  # rotary pairs interleaved (else the two halves)
+
+
+class _Layers(ctypes.Structure):  # decode_kernel.c's Layers
+    _fields_ = [(n, ctypes.c_int) for n in ("layers", "hidden", "heads", "kv_heads", "dim", "inter", "traditional", "threads")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        ("weights", ctypes.POINTER(ctypes.c_void_p)), ("biases", ctypes.POINTER(ctypes.c_void_p)), ("norms", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class _Cache(ctypes.Structure):  # decode_kernel.c's Cache
+    _fields_ = [("rows", ctypes.c_int), ("capacity", ctypes.c_int), ("slot", ctypes.c_int),
+                ("keys", ctypes.POINTER(ctypes.c_void_p)), ("values", ctypes.POINTER(ctypes.c_void_p)),
+                ("start", ctypes.c_void_p), ("position", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+
+
+def _pointers(arrays: list) -> ctypes.Array:
+    return (ctypes.c_void_p * len(arrays))(*[a.ctypes.data if a is not None else None for a in arrays])
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """Every decoder layer's packed weights (``PROJECTIONS`` order) and norms (input,
+    post-attention, per-head q and k or None), checked against ``dims`` and held as the C record."""
+
+    dims: Dims
+    weights: list  # per layer, 7 Packed
+    norms: list  # per layer, 4 arrays or None
+    record: _Layers
+    keep: tuple  # the pointer arrays the record points into
+
+
+@dataclass(frozen=True)
 class Slots:
     """One layer's cache as ``attend`` takes it: keys and values (rows, kv heads, capacity, dim),
     the slot the new token goes to, each row's first real slot and rotary position, and the
@@ -109,6 +161,53 @@ class Kernel:
         return out
 
 
+    def stack(self, dims: Dims, weights: list[list[Packed]], norms: list[list[Optional[np.ndarray]]], threads: int) -> LayerStack:
+        """The layers as ``decode_layers`` runs them; a weight or norm of the wrong size is refused."""
+        ins = (dims.hidden,) * 3 + (dims.heads * dims.dim,) + (dims.hidden,) * 2 + (dims.inter,)
+        outs = (dims.heads * dims.dim,) + (dims.kv_heads * dims.dim,) * 2 + (dims.hidden,) + (dims.inter,) * 2 + (dims.hidden,)
+        sizes = (dims.hidden, dims.hidden, dims.dim, dims.dim)
+        for layer, (ws, ns) in enumerate(zip(weights, norms)):
+            bad = [w for w, k, n in zip(ws, ins, outs) if w.matrix.shape != self.packed_shape((n, k)) or w.n_out != n
+                   or (w.bias is not None and w.bias.shape != (n,))]
+            bad += [x for x, n in zip(ns, sizes) if x is not None and x.shape != (n,)]
+            if len(ws) != 7 or len(ns) != 4 or ns[0] is None or ns[1] is None or bad or dims.heads % dims.kv_heads:
+                raise ValueError(f"layer {layer}: weights or norms do not fit {dims}")
+        flat_w = [w.matrix for ws in weights for w in ws]
+        flat_b = [_f32(w.bias) if w.bias is not None else None for ws in weights for w in ws]
+        flat_n = [_f32(x) if x is not None else None for ns in norms for x in ns]
+        keep = (_pointers(flat_w), _pointers(flat_b), _pointers(flat_n), flat_b, flat_n)
+        record = _Layers(len(weights), dims.hidden, dims.heads, dims.kv_heads, dims.dim, dims.inter, int(dims.traditional),
+                         threads, dims.eps, dims.scale, *keep[:3])
+        return LayerStack(dims, weights, norms, record, keep)
+
+    def decode_layers(self, stack: LayerStack, x: np.ndarray, caches: list[Slots]) -> np.ndarray:
+        """``x`` (rows, hidden), the residual stream, through every layer: each attends over its
+        cache in ``caches`` (the slot written in place). Returns the stream after the last layer."""
+        d, c0 = stack.dims, caches[0]
+        rows, capacity = x.shape[0], c0.keys.shape[2]
+        shape = (rows, d.kv_heads, capacity, d.dim)
+        ok = (x.shape == (rows, d.hidden) and len(caches) == len(stack.weights) and 0 <= c0.slot < capacity
+              and all(c.keys.shape == c.values.shape == shape and c.keys.dtype == c.values.dtype == np.float32
+                      and c.keys.flags.c_contiguous and c.values.flags.c_contiguous and c.slot == c0.slot for c in caches)
+              and c0.start.shape == c0.position.shape == (rows,) and c0.cos.shape == c0.sin.shape == (c0.cos.shape[0], d.dim // 2)
+              and int(c0.position.max(initial=0)) < c0.cos.shape[0] and int(c0.start.min(initial=0)) >= 0
+              and int(c0.start.max(initial=0)) <= c0.slot)
+        if not ok:
+            raise ValueError(f"decode_layers: shapes do not fit: x {x.shape}, cache {c0.keys.shape}, slot {c0.slot}")
+        x = np.array(x, np.float32, order="C")  # a copy: updated in place
+        start, position = np.ascontiguousarray(c0.start, np.int64), np.ascontiguousarray(c0.position, np.int64)
+        cos, sin = _f32(c0.cos), _f32(c0.sin)
+        keys, values = _pointers([c.keys for c in caches]), _pointers([c.values for c in caches])
+        cache = _Cache(rows, capacity, c0.slot, keys, values, start.ctypes.data, position.ctypes.data, cos.ctypes.data, sin.ctypes.data)
+        self.lib.decode_layers(ctypes.byref(stack.record), ctypes.byref(cache), x.ctypes.data)
+        return x
+
+    def apply(self, w: Packed, x: np.ndarray, threads: int) -> np.ndarray:
+        """``x`` (rows, inputs) times the packed weight, its bias added."""
+        y = self.matmul(x, w.matrix, w.n_out, threads)
+        return y if w.bias is None else y + w.bias
+
+
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> tuple[Optional[Kernel], str]:
     """The kernel built for this machine (once per process), or None and why not."""
@@ -119,5 +218,6 @@ def load_kernel() -> tuple[Optional[Kernel], str]:
     lib.rows_matmul.argtypes = [_P, _P, _P, _I, _I, _I, _I]
     lib.rms_norm.argtypes = [_P, _P, _F, _I, _I, _P]
     lib.silu_mul.argtypes = [_P, _P, _L, _P]
+    lib.decode_layers.argtypes = [_P, _P, _P]
     lib.attend.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _F, _P, _I]
     return Kernel(lib, int(lib.tile_width()), how), how

@@ -2,6 +2,8 @@
 against float64 NumPy, and the whole host decode step against the model's own forward pass over
 mlx-lm's batch cache, step by step, with rows dropped on the way."""
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from mlx_lm.models.rope_utils import Llama3RoPE
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from mlx_dpo.compute import host_decode
+from mlx_dpo.compute import decode, host_decode
 from mlx_dpo.compute.decode import HostStep, ModelStep, PackedLinear, decode_weights, whole_step_on_host
 from mlx_dpo.compute.kernel import Slots, load_kernel
 from mlx_dpo.online.rollout import _prefill
@@ -90,10 +92,8 @@ def test_attention_rotates_fills_the_cache_slot_and_skips_each_rows_padding(kern
                                   Llama3RoPE(16, 64, False, 1e4, {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                     "original_max_position_embeddings": 16})],
                          ids=["linear-scaled", "traditional", "llama3"])
-def test_the_rotation_tables_reproduce_the_models_rope(rope, kernel):
-    hm = host_decode.HostModel(np.zeros((1, 1), np.float32), [], np.zeros(1, np.float32), None, 1e-5, 1, 1, 16, 1.0,
-                               rope, bool(rope.traditional), kernel, 1)
-    cos, sin = host_decode._rope_tables(hm, 40)
+def test_the_rotation_tables_reproduce_the_models_rope(rope):
+    cos, sin = host_decode._rope_tables(rope, 16, bool(rope.traditional), 40)
     if type(rope) is nn.RoPE:  # the formula itself: theta = position * scale * base^(-2i/dim)
         theta = np.arange(40)[:, None] * rope.scale * rope.base ** (-np.arange(0, 16, 2) / 16)
         np.testing.assert_allclose(cos, np.cos(theta), atol=2e-5)
@@ -156,3 +156,25 @@ def test_a_quantized_layer_keeps_the_whole_step_off_the_host(kernel):
     layer = model.model.layers[1].mlp
     layer.down_proj = nn.QuantizedLinear.from_linear(layer.down_proj.linear, group_size=32, bits=4)
     assert not whole_step_on_host(model)
+
+
+def test_the_layer_stack_and_the_step_refuse_sizes_that_do_not_fit(kernel):
+    model = adapted("llama")
+    packed = {name: layer.packed() for name, layer in decode._packed_layers(model, kernel, 1, {})}
+    hm = host_decode.host_model(model, packed, kernel, 1)
+    stack, d = hm.stack, hm.stack.dims
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel.stack(d, [ws[:6] for ws in stack.weights], stack.norms, 1)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel.stack(dataclasses.replace(d, inter=d.inter + 1), stack.weights, stack.norms, 1)
+    cache = host_decode.host_cache(hm, _prefill(model, [[3, 4, 5]]), 2)
+
+    def slots(slot):
+        return [Slots(k, v, slot, cache.start, cache.position, cache.cos, cache.sin, d.traditional) for k, v in zip(cache.keys, cache.values)]
+
+    x = hm.embed[[4]]
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        kernel.decode_layers(stack, np.zeros((1, d.hidden + 1), np.float32), slots(cache.length))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        kernel.decode_layers(stack, x, slots(cache.keys[0].shape[2]))  # past the cache's last slot
+    assert kernel.decode_layers(stack, x, slots(cache.length)).shape == (1, d.hidden)
