@@ -134,8 +134,10 @@ def _rope_tables(rope: nn.Module, dim: int, traditional: bool, positions: int) -
 
 
 def host_cache(hm: HostModel, cache: list, max_tokens: int) -> Optional[HostCache]:
-    """The MLX batch cache a prefill filled, copied to the host with room for ``max_tokens`` more
-    slots; None where it is not mlx-lm's plain ``BatchKVCache``."""
+    """The MLX batch cache a prefill filled, moved to the host with room for ``max_tokens`` more
+    slots (None where it is not mlx-lm's plain ``BatchKVCache``). Each layer's MLX keys and
+    values are let go once copied: the batch decodes on the host from here, and the two copies
+    are never both whole in memory."""
     d = hm.stack.dims
     if len(cache) != len(hm.stack.weights) or any(type(c).__name__ != "BatchKVCache" for c in cache):
         return None
@@ -148,6 +150,7 @@ def host_cache(hm: HostModel, cache: list, max_tokens: int) -> Optional[HostCach
         if length:
             k[:, :, :length] = np.array(c.keys[..., :length, :].astype(mx.float32))
             v[:, :, :length] = np.array(c.values[..., :length, :].astype(mx.float32))
+        c.keys = c.values = None
         keys.append(k)
         values.append(v)
     position = np.array(c0.offset, np.int64)

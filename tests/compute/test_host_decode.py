@@ -110,6 +110,7 @@ def host_and_model_steps(model, prompts, steps, drop_after):
         own, host_cache = _prefill(model, prompts), _prefill(model, prompts)
         with decoding(host_cache, steps + 1) as host:
             assert isinstance(host, HostStep)
+            assert all(c.keys is None and c.values is None for c in host_cache)  # moved, not kept twice
             ids, pairs = mx.array([p[-1] for p in prompts]), []
             for n in range(steps):
                 want = model(ids[:, None], cache=own)[:, -1, :]
