@@ -44,6 +44,7 @@ from ..compute.forward import eval_mode
 from ..compute.streams import blas_threads
 
 PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the prefill's memory
+SAMPLE_BLOCK = 1024  # vocabulary entries summed together by host_sample
 
 
 @dataclass
@@ -122,14 +123,23 @@ def make_sampler(params: SamplingParams) -> Callable[[mx.array], mx.array]:
 
 def host_sample(logits: mx.array, inv_t: float) -> mx.array:
     """``softmax(logits / T)`` sampled by inverting its cumulative sum at one MLX uniform per row
-    (so ``mx.random.seed`` still decides the draw), in float64 NumPy. On a CPU, MLX's ``exp`` and
-    ``log`` are scalar and its Gumbel draw costs two of them per vocabulary entry; NumPy's are
-    vectorised. The row's logits are on the host already where the decode kernel made them."""
+    (so ``mx.random.seed`` still decides the draw), in NumPy. On a CPU, MLX's ``exp`` and ``log``
+    are scalar and its Gumbel draw costs two of them per vocabulary entry; NumPy's are
+    vectorised. The exponentials are float32 (the float32 logits already carry more rounding than
+    their ``exp`` adds), summed in float64 over blocks of ``SAMPLE_BLOCK`` entries: the uniform
+    picks a block from the blocks' running sum, then an entry from that block's own."""
     u = np.asarray(mx.random.uniform(shape=(logits.shape[0],)), np.float64)
-    z = np.asarray(logits.astype(mx.float32), np.float64) * inv_t
-    cdf = np.cumsum(np.exp(z - z.max(axis=-1, keepdims=True)), axis=-1)
-    # The first index whose cumulative mass exceeds u * total: P(j) = p_j exactly.
-    ids = [min(int(np.searchsorted(row, x * row[-1], side="right")), row.size - 1) for row, x in zip(cdf, u)]
+    z = np.asarray(logits.astype(mx.float32)) * np.float32(inv_t)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    vocab, starts = e.shape[1], np.arange(0, e.shape[1], SAMPLE_BLOCK)
+    running = np.cumsum(np.add.reduceat(e, starts, axis=1, dtype=np.float64), axis=1)
+    ids = []
+    for row, sums, x in zip(e, running, u):
+        target = x * sums[-1]  # the first index whose cumulative mass exceeds it: P(j) = p_j
+        b = min(int(np.searchsorted(sums, target, side="right")), starts.size - 1)
+        lo, hi = int(starts[b]), min(int(starts[b]) + SAMPLE_BLOCK, vocab)
+        within = np.cumsum(row[lo:hi], dtype=np.float64) + (sums[b - 1] if b else 0.0)
+        ids.append(min(lo + int(np.searchsorted(within, target, side="right")), hi - 1))
     return mx.array(ids, mx.uint32)
 
 

@@ -7,7 +7,7 @@ from mlx_lm.utils import load
 
 from mlx_dpo._platform import blas
 from mlx_dpo.compute.streams import blas_threads
-from mlx_dpo.online.rollout import Completion, SamplingParams, make_sampler, sample_groups
+from mlx_dpo.online.rollout import SAMPLE_BLOCK, Completion, SamplingParams, host_sample, make_sampler, sample_groups
 from tests.support import adapted_model
 
 # Different lengths, one of them a lone token (an empty prefill).
@@ -248,3 +248,18 @@ def test_host_sampling_draws_softmax_over_t_and_follows_the_seed():
     assert np.array_equal(np.array(sampler(logits)), draws)
     top3 = make_sampler(SamplingParams(temperature=0.7, top_k=3, fast_decode=True))
     assert set(np.array(top3(logits[:500])).tolist()) <= set(np.argsort(z[0])[-3:].tolist())
+
+
+def test_host_sampling_across_blocks_of_the_vocabulary():
+    """A vocabulary of several ``SAMPLE_BLOCK``s, the mass on entries at the blocks' edges and in
+    the last, partial block: frequencies as float64 softmax, and a zero-probability entry never drawn."""
+    vocab = 2 * SAMPLE_BLOCK + 300
+    z = np.full(vocab, -5.0)
+    z[[0, SAMPLE_BLOCK - 1, SAMPLE_BLOCK, 2 * SAMPLE_BLOCK - 1, 2 * SAMPLE_BLOCK, vocab - 1]] = [2.0, 1.0, 1.5, 0.5, 1.0, 2.5]
+    z[7] = -np.inf
+    logits = mx.array(np.repeat(z[None], 6000, axis=0).astype(np.float32))
+    mx.random.seed(3)
+    draws = np.array(host_sample(logits, 1.0))
+    p = np.exp(z - z.max())
+    assert_matches(np.bincount(draws, minlength=vocab), p / p.sum())
+    assert 7 not in draws
