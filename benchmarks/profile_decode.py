@@ -16,8 +16,8 @@ of ``--steps`` steps after a warm-up, one process, this machine:
 - the step as ``fast_decode`` runs it: the linear layers and the tied head through
   ``compute/decode_kernel.c`` on weights packed once per rollout (adapters merged), for this
   model the rest of the step too (``compute/host_decode.py``), sampling on the host
-  (``rollout.host_sample``), split into the kernel's matmuls and everything else; and the time
-  to pack;
+  (``rollout.host_sample``); its parts each timed alone on the same data (the decoder layers'
+  one C call, their packed matmuls by themselves, the head, sampling); and the time to pack;
 - parts of the step, each run alone on the same shapes: the linear layers' matmuls (GEMV-like,
   B rows), the LoRA side paths, attention over the cache, norms and element-wise ops, the
   vocabulary head, sampling, and the cache update.
@@ -44,6 +44,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 from mlx_lm.utils import load  # noqa: E402
 
 from mlx_dpo.compute import decode  # noqa: E402
+from mlx_dpo.compute.kernel import Slots  # noqa: E402
 from mlx_dpo.compute.streams import blas_budget, blas_threads  # noqa: E402
 from mlx_dpo.online.rollout import SamplingParams, _prefill, make_sampler  # noqa: E402
 
@@ -112,45 +113,49 @@ def parts(model, batch: int, context: int, steps: int) -> list[tuple[str, float]
 
 
 def kernel_rows(model, prompts, batch: int, steps: int, threads: int, read_ms: float) -> list[tuple]:
-    """The decode step as ``fast_decode`` runs it (packed kernel, host sampling), the kernel's
-    share of it, and packing."""
+    """The decode step as ``fast_decode`` runs it (packed kernel, host sampling), its parts each
+    timed alone on the same data (the decoder layers' one C call, the packed matmuls by
+    themselves, the head, sampling), and packing."""
     sampler = make_sampler(SamplingParams(temperature=1.0, fast_decode=True))
-    if decode.load_kernel()[0] is None:
+    kernel = decode.load_kernel()[0]
+    if kernel is None:
         return [("decode step, fast_decode kernel", float("nan"), decode.load_kernel()[1])]
-    inside = {"kernel": 0.0}
-    run_matmul = decode.Kernel.matmul
-
-    def timed(self, *a, **kw):
-        tic = time.perf_counter()
-        try:
-            return run_matmul(self, *a, **kw)
-        finally:
-            inside["kernel"] += time.perf_counter() - tic
 
     def pack(keep: dict) -> None:
         with decode.decode_weights(model, True, threads, keep):
             pass
 
+    def bound(ms: float) -> str:
+        return f"{ms / read_ms:.1f}x the bound"
+
     keep: dict = {}
     with blas_threads(threads):
-        pack_first = median_ms(lambda: pack({}), 3)
-        pack_ms = median_ms(lambda: pack(keep), 3)
-        decode.Kernel.matmul = timed  # before packing: the packed layers hold the method
-        try:
-            with decode.decode_weights(model, True, threads, keep) as decoding:
-                with decoding(_prefill(model, prompts), 2 * steps + 4) as step:
-                    ids = mx.array([5] * batch)
-                    run = lambda: mx.eval(sampler(step(ids)))  # noqa: E731
-                    run()
-                    inside["kernel"] = 0.0
-                    ms = median_ms(run, steps)
-                    kernel_ms = 1e3 * inside["kernel"] / (steps + 1)
-                    where = "whole step on the host" if isinstance(step, decode.HostStep) else "linear layers only"
-        finally:
-            decode.Kernel.matmul = run_matmul
-    return [(f"decode step, fast_decode kernel ({where}), {threads} thread(s)", ms, f"{ms / read_ms:.1f}x the bound"),
-            ("  of which the kernel's matmuls (linear layers and head)", kernel_ms, f"{kernel_ms / read_ms:.1f}x the bound"),
-            ("  of which the rest: norms, rotary, attention, SwiGLU, sampling, Python", ms - kernel_ms, ""),
+        pack_first, pack_ms = median_ms(lambda: pack({}), 3), median_ms(lambda: pack(keep), 3)
+        with decode.decode_weights(model, True, threads, keep) as decoding:
+            with decoding(_prefill(model, prompts), 2 * steps + 4) as step:
+                ids = mx.array([5] * batch)
+                ms = median_ms(lambda: mx.eval(sampler(step(ids))), steps)
+                if not isinstance(step, decode.HostStep):
+                    return [(f"decode step, fast_decode kernel (linear layers only), {threads} thread(s)", ms, bound(ms))]
+                hm, cache = step.hm, step.cache
+                slots = [Slots(k, v, cache.length, cache.start, cache.position, cache.cos, cache.sin, hm.stack.dims.traditional)
+                         for k, v in zip(cache.keys, cache.values)]
+                x = hm.embed[np.full(batch, 5)]
+                layers_ms = median_ms(lambda: kernel.decode_layers(hm.stack, x, slots), steps)
+                weights = [w for ws in hm.stack.weights for w in ws]
+                inputs = [np.ones((batch, w.matrix.shape[1]), np.float32) for w in weights]
+                matmuls_ms = median_ms(lambda: [kernel.matmul(i, w.matrix, w.n_out, threads) for i, w in zip(inputs, weights)], steps)
+                head_ms = median_ms(lambda: kernel.apply(hm.head, x, threads), steps)
+                logits = mx.array(kernel.apply(hm.head, x, threads))
+                sample_ms = median_ms(lambda: mx.eval(sampler(logits)), steps)
+    rest = ms - layers_ms - head_ms - sample_ms
+    return [(f"decode step, fast_decode kernel (whole step on the host), {threads} thread(s)", ms, bound(ms)),
+            ("  the decoder layers (one C call)", layers_ms, bound(layers_ms)),
+            ("    their packed matmuls alone", matmuls_ms, bound(matmuls_ms)),
+            ("    the rest of the layers (norms, rotary, attention, SwiGLU): the difference", layers_ms - matmuls_ms, ""),
+            ("  the vocabulary head (packed)", head_ms, ""),
+            ("  sampling on the host", sample_ms, ""),
+            ("  the rest (embedding, final norm, copies, Python): the difference", rest, ""),
             ("packing the weights (first rollout, fresh memory)", pack_first, ""),
             ("packing the weights (later rollouts, memory kept)", pack_ms, "")]
 
