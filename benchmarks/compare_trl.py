@@ -530,6 +530,8 @@ def compare_dpo(args, sentences: list[str], python: Optional[Path]) -> None:
         pairs = make_pairs(sentences, shape, 2 * args.steps)
         with work_folder(pairs) as work:
             for tool in args.tools.split(","):
+                if tool not in ("trl", "mlx"):  # mlx-lm-lora is compared on GRPO only
+                    continue
                 print(f"[compare_trl] {shape} prompts: {tool}, {args.steps} steps", flush=True)
                 if tool == "trl":
                     row = run_trl(python, args.model, work / "data" / "train.jsonl", args.steps, args.warmup, work)

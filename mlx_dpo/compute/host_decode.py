@@ -1,24 +1,25 @@
-"""A whole decode step of a Llama-shaped model on the host: the packed weights through the decode
-kernel, everything between them (norms, rotary embedding, attention over the cache, SwiGLU) in
-NumPy, with no MLX operation on the way.
+"""A whole decode step of a Llama-shaped model on the host: every decoder layer in one call of
+the decode kernel (``decode_kernel.c``'s ``decode_layers``) over the packed weights and a host
+copy of the batch cache, with no MLX operation from the embedding to the logits.
 
 With only the linear layers on the kernel (``compute/decode.py``), two thirds of a decode step
 was MLX's own per-operation cost between them: about 25 small operations a layer, each a
 dispatch and a scalar loop on a CPU (BENCHMARKS.md). At a few rows those operations are a few
-thousand numbers each, which NumPy does in microseconds.
+thousand numbers each: microseconds in C.
 
 What runs here is the forward pass of mlx-lm's ``llama`` (and so ``mistral``), ``qwen2`` and
-``qwen3`` decoder blocks, read off the model: RMSNorm, q/k/v projections (with bias where the
-model has one), Qwen3's per-head q/k norms, the rotary embedding, grouped-query attention over the
-cache, the output projection, SwiGLU, the final norm and the head. The rotary embedding's
-cos/sin come from the model's own RoPE module (applied once to a basis vector), so scaled
-variants (``linear``, ``llama3``) are covered as they are computed. Any other model, a sliding
-window, a quantized or unpacked layer: ``host_model`` answers None and the caller keeps the
-model's own layers.
+``qwen3`` decoder blocks, read off the model: RMSNorm, q/k/v projections (with their biases
+where the model has them), Qwen3's per-head q/k norms, the rotary embedding, grouped-query
+attention over the cache, the output projection, SwiGLU, the final norm and the head. The rotary
+embedding's cos/sin come from the model's own RoPE module (applied once to a basis vector), so
+scaled variants (``linear``, ``llama3``) are covered as they are computed. Any other model, a
+sliding window, a quantized or unpacked layer: ``host_model`` answers None and the caller keeps
+the model's own layers.
 
-The KV cache is taken over from the MLX batch cache the prefill filled (same padding, same
+The KV cache is moved from the MLX batch cache the prefill filled (same padding, same
 positions), so prefill is unchanged. The logits are the adapted model's up to float32 rounding
-(tests/compute/test_host_decode.py checks them against the model and against float64 NumPy).
+(tests/compute/test_host_decode.py checks the parts against float64 NumPy and the logits against
+the model's own step).
 """
 
 from __future__ import annotations
