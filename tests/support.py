@@ -2,6 +2,7 @@
 short CLI run most training tests start from, and an offline objective's loss by name."""
 
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import numpy as np
@@ -206,13 +207,14 @@ def architecture_config(family: str) -> dict:
     return {"model_type": family, **ARCH_BASE, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **ARCHITECTURES[family]}
 
 
-def tiny_architecture(family: str, seed: int = 0):
-    """A float32 random instance of ``family`` (mlx-lm's class), every parameter nudged off its init."""
+def tiny_architecture(family: str, seed: int = 0, overrides: Optional[dict] = None):
+    """A float32 random instance of ``family`` (mlx-lm's class), every parameter nudged off its
+    init; ``overrides``: config keys changed from the family's test config."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.utils import _get_classes
 
-    config = architecture_config(family)
+    config = {**architecture_config(family), **(overrides or {})}
     model_class, args_class = _get_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))

@@ -5,7 +5,7 @@
    side for each input index k ([tiles][K][TILE]), so that a tile streams through memory in one
    sequential read and every weight loaded is used for up to ROWS rows held in registers. Each
    output is summed over k in order, whatever the thread count. Built by mlx_dpo/_platform/cc.py
-   for the machine it runs on; used by mlx_dpo/compute/decode.py. */
+   for the machine it runs on; called through mlx_dpo/compute/kernel.py. */
 
 #include <math.h>
 #include <stddef.h>
@@ -130,16 +130,23 @@ static void rotate(const float *x, const float *c, const float *s, int dim, int 
    to each row's position, k and v written to slot `slot` of the cache (rows, kv_heads, capacity,
    dim), and each query head attends over its kv head's slots [start[r], slot] (earlier slots are
    the row's padding). out (rows, heads * dim). */
-void attend(const float *q, const float *k, const float *v, float *keys, float *values, int rows, int heads, int kv_heads,
-            int dim, int capacity, int slot, const long long *start, const long long *position, const float *cos,
-            const float *sin, int traditional, float scale, float *out, int threads) {
-    int group = heads / kv_heads, half = dim / 2;
+int attend(const float *q, const float *k, const float *v, float *keys, float *values, int rows, int heads, int kv_heads,
+           int dim, int capacity, int slot, const long long *start, const long long *position, const float *cos,
+           const float *sin, int traditional, float scale, float *out, int threads) {
+    int group = heads / kv_heads, half = dim / 2, failed = 0;
     (void)threads;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *c = cos + (size_t)position[r] * half, *s = sin + (size_t)position[r] * half;
         float *scores = malloc(sizeof(float) * (size_t)(slot + 1));
         float *qr = malloc(sizeof(float) * (size_t)dim);
+        if (!scores || !qr) { /* out of memory: reported, never written through */
+            free(scores);
+            free(qr);
+#pragma omp atomic write
+            failed = 1;
+            continue;
+        }
         for (int h = 0; h < kv_heads; h++) {
             size_t at = (((size_t)r * kv_heads + h) * capacity + slot) * dim;
             rotate(k + ((size_t)r * kv_heads + h) * dim, c, s, dim, traditional, 1.0f, keys + at);
@@ -166,6 +173,7 @@ void attend(const float *q, const float *k, const float *v, float *keys, float *
         free(scores);
         free(qr);
     }
+    return failed;
 }
 
 /* ---- Every decoder layer of a step in one call (compute/host_decode.py builds the records). ---- */
@@ -196,15 +204,17 @@ static void project(const Layers *m, int layer, int which, const float *x, int r
             for (int j = 0; j < n_out; j++) y[(size_t)r * n_out + j] += b[j];
 }
 
-/* x (rows, hidden): the residual stream, updated in place through every layer. */
-void decode_layers(const Layers *m, const Cache *c, float *x) {
-    int rows = c->rows, H = m->hidden, nq = m->heads * m->dim, nkv = m->kv_heads * m->dim;
+/* x (rows, hidden): the residual stream, updated in place through every layer. 0, or 1 where
+   memory ran out (x is then not to be used). */
+int decode_layers(const Layers *m, const Cache *c, float *x) {
+    int rows = c->rows, H = m->hidden, nq = m->heads * m->dim, nkv = m->kv_heads * m->dim, failed = 0;
     size_t width = (size_t)(H > m->inter ? H : m->inter);
     float *h = malloc(sizeof(float) * rows * width), *q = malloc(sizeof(float) * rows * (size_t)nq);
     float *k = malloc(sizeof(float) * rows * (size_t)nkv), *v = malloc(sizeof(float) * rows * (size_t)nkv);
     float *att = malloc(sizeof(float) * rows * (size_t)nq), *out = malloc(sizeof(float) * rows * width);
     float *gate = malloc(sizeof(float) * rows * (size_t)m->inter), *up = malloc(sizeof(float) * rows * (size_t)m->inter);
-    for (int l = 0; l < m->layers; l++) {
+    failed = !h || !q || !k || !v || !att || !out || !gate || !up;
+    for (int l = 0; l < m->layers && !failed; l++) {
         const float *const *norm = m->norms + 4 * l;
         rms_norm(x, norm[0], m->eps, rows, H, h);
         project(m, l, 0, h, rows, H, nq, q);
@@ -212,8 +222,11 @@ void decode_layers(const Layers *m, const Cache *c, float *x) {
         project(m, l, 2, h, rows, H, nkv, v);
         if (norm[2]) rms_norm(q, norm[2], m->eps, rows * m->heads, m->dim, q);
         if (norm[3]) rms_norm(k, norm[3], m->eps, rows * m->kv_heads, m->dim, k);
-        attend(q, k, v, c->keys[l], c->values[l], rows, m->heads, m->kv_heads, m->dim, c->capacity, c->slot, c->start,
-               c->position, c->cos, c->sin, m->traditional, m->scale, att, m->threads);
+        if (attend(q, k, v, c->keys[l], c->values[l], rows, m->heads, m->kv_heads, m->dim, c->capacity, c->slot, c->start,
+                   c->position, c->cos, c->sin, m->traditional, m->scale, att, m->threads)) {
+            failed = 1;
+            break;
+        }
         project(m, l, 3, att, rows, nq, H, out);
         for (size_t i = 0; i < (size_t)rows * H; i++) x[i] += out[i];
         rms_norm(x, norm[1], m->eps, rows, H, h);
@@ -224,4 +237,5 @@ void decode_layers(const Layers *m, const Cache *c, float *x) {
         for (size_t i = 0; i < (size_t)rows * H; i++) x[i] += out[i];
     }
     free(h); free(q); free(k); free(v); free(att); free(out); free(gate); free(up);
+    return failed;
 }

@@ -149,17 +149,18 @@ class Kernel:
         ok = (k.shape == v.shape == (rows, kv_heads, dim) and c.keys.shape == c.values.shape == (rows, kv_heads, capacity, dim)
               and heads % kv_heads == 0 and dim % 2 == 0 and 0 <= c.slot < capacity and c.start.shape == c.position.shape == (rows,)
               and c.cos.shape == c.sin.shape and c.cos.shape[1] == dim // 2 and int(c.position.max(initial=0)) < c.cos.shape[0]
-              and int(c.start.min(initial=0)) >= 0 and int(c.start.max(initial=0)) <= c.slot)
+              and int(c.position.min(initial=0)) >= 0 and int(c.start.min(initial=0)) >= 0
+              and int(c.start.max(initial=0)) <= c.slot)
         if not ok or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (c.keys, c.values, c.cos, c.sin)):
             raise ValueError(f"attend: shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}, cache {c.keys.shape}, slot {c.slot}")
         q, k, v = _f32(q), _f32(k), _f32(v)
         start, position = np.ascontiguousarray(c.start, np.int64), np.ascontiguousarray(c.position, np.int64)
         out = np.empty((rows, heads * dim), np.float32)
-        self.lib.attend(q.ctypes.data, k.ctypes.data, v.ctypes.data, c.keys.ctypes.data, c.values.ctypes.data, rows, heads,
-                        kv_heads, dim, capacity, c.slot, start.ctypes.data, position.ctypes.data, c.cos.ctypes.data,
-                        c.sin.ctypes.data, int(c.traditional), scale, out.ctypes.data, threads)
+        if self.lib.attend(q.ctypes.data, k.ctypes.data, v.ctypes.data, c.keys.ctypes.data, c.values.ctypes.data, rows, heads,
+                           kv_heads, dim, capacity, c.slot, start.ctypes.data, position.ctypes.data, c.cos.ctypes.data,
+                           c.sin.ctypes.data, int(c.traditional), scale, out.ctypes.data, threads):
+            raise MemoryError("attend: out of memory")
         return out
-
 
     def stack(self, dims: Dims, weights: list[list[Packed]], norms: list[list[Optional[np.ndarray]]], threads: int) -> LayerStack:
         """The layers as ``decode_layers`` runs them; a weight or norm of the wrong size is refused."""
@@ -182,15 +183,18 @@ class Kernel:
 
     def decode_layers(self, stack: LayerStack, x: np.ndarray, caches: list[Slots]) -> np.ndarray:
         """``x`` (rows, hidden), the residual stream, through every layer: each attends over its
-        cache in ``caches`` (the slot written in place). Returns the stream after the last layer."""
+        cache in ``caches`` (the slot written in place; one slot, and the same start, position and
+        rotation arrays, for every layer). Returns the stream after the last layer."""
         d, c0 = stack.dims, caches[0]
         rows, capacity = x.shape[0], c0.keys.shape[2]
         shape = (rows, d.kv_heads, capacity, d.dim)
         ok = (x.shape == (rows, d.hidden) and len(caches) == len(stack.weights) and 0 <= c0.slot < capacity
               and all(c.keys.shape == c.values.shape == shape and c.keys.dtype == c.values.dtype == np.float32
-                      and c.keys.flags.c_contiguous and c.values.flags.c_contiguous and c.slot == c0.slot for c in caches)
+                      and c.keys.flags.c_contiguous and c.values.flags.c_contiguous and c.slot == c0.slot
+                      and all(getattr(c, f) is getattr(c0, f) for f in ("start", "position", "cos", "sin")) for c in caches)
               and c0.start.shape == c0.position.shape == (rows,) and c0.cos.shape == c0.sin.shape == (c0.cos.shape[0], d.dim // 2)
-              and int(c0.position.max(initial=0)) < c0.cos.shape[0] and int(c0.start.min(initial=0)) >= 0
+              and int(c0.position.max(initial=0)) < c0.cos.shape[0] and int(c0.position.min(initial=0)) >= 0
+              and int(c0.start.min(initial=0)) >= 0
               and int(c0.start.max(initial=0)) <= c0.slot)
         if not ok:
             raise ValueError(f"decode_layers: shapes do not fit: x {x.shape}, cache {c0.keys.shape}, slot {c0.slot}")
@@ -199,7 +203,8 @@ class Kernel:
         cos, sin = _f32(c0.cos), _f32(c0.sin)
         keys, values = _pointers([c.keys for c in caches]), _pointers([c.values for c in caches])
         cache = _Cache(rows, capacity, c0.slot, keys, values, start.ctypes.data, position.ctypes.data, cos.ctypes.data, sin.ctypes.data)
-        self.lib.decode_layers(ctypes.byref(stack.record), ctypes.byref(cache), x.ctypes.data)
+        if self.lib.decode_layers(ctypes.byref(stack.record), ctypes.byref(cache), x.ctypes.data):
+            raise MemoryError("decode_layers: out of memory")
         return x
 
     def apply(self, w: Packed, x: np.ndarray, threads: int) -> np.ndarray:
@@ -219,5 +224,6 @@ def load_kernel() -> tuple[Optional[Kernel], str]:
     lib.rms_norm.argtypes = [_P, _P, _F, _I, _I, _P]
     lib.silu_mul.argtypes = [_P, _P, _L, _P]
     lib.decode_layers.argtypes = [_P, _P, _P]
+    lib.decode_layers.restype = lib.attend.restype = ctypes.c_int
     lib.attend.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _I, _F, _P, _I]
     return Kernel(lib, int(lib.tile_width()), how), how

@@ -139,7 +139,9 @@ def host_sample(logits: mx.array, inv_t: float) -> mx.array:
         b = min(int(np.searchsorted(sums, target, side="right")), starts.size - 1)
         lo, hi = int(starts[b]), min(int(starts[b]) + SAMPLE_BLOCK, vocab)
         within = np.cumsum(row[lo:hi], dtype=np.float64) + (sums[b - 1] if b else 0.0)
-        ids.append(min(lo + int(np.searchsorted(within, target, side="right")), hi - 1))
+        j = lo + int(np.searchsorted(within, target, side="right"))
+        # Past the block's own sum (the two sums round apart): its last entry with mass.
+        ids.append(j if j < hi else int(np.flatnonzero(row[:hi])[-1]))
     return mx.array(ids, mx.uint32)
 
 

@@ -28,8 +28,8 @@ def kernel():
     return built
 
 
-def adapted(family: str, dora: bool = False):
-    model = tiny_architecture(family)
+def adapted(family: str, dora: bool = False, overrides: dict | None = None):
+    model = tiny_architecture(family, overrides=overrides)
     model.freeze()
     linear_to_lora_layers(model, len(model.layers), {"rank": 4, "scale": 10.0, "dropout": 0.0}, use_dora=dora)
     for _, layer in model.named_modules():
@@ -133,6 +133,32 @@ def test_the_host_step_gives_the_adapted_models_logits(kernel, family, dora):
     for n, (got, want) in enumerate(pairs):
         assert got.shape == want.shape == (3 if n <= 2 else 2, model.args.vocab_size)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=f"{family} step {n}")
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+VARIANTS = {  # config keys of the tiny Llama that change what the host step computes
+    "tied head, biases everywhere, 32-wide heads, one kv head": {
+        "tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True, "head_dim": 32, "num_key_value_heads": 1},
+    "traditional rotary pairs": {"rope_traditional": True},
+    "llama3-scaled rotary": {"rope_scaling": LLAMA3},
+    "linear-scaled rotary": {"rope_scaling": {"type": "linear", "factor": 2.0}},
+}
+
+
+@pytest.mark.parametrize("overrides", VARIANTS.values(), ids=VARIANTS.keys())
+def test_the_host_step_follows_the_models_variants_over_more_rows_than_a_tile(kernel, overrides):
+    model = adapted("llama", overrides=overrides)
+    assert whole_step_on_host(model)
+    prompts = [[3 + i, 17, 42, 99, 5, 250, 7][: 1 + i % 7] for i in range(11)]  # 11 rows: more than the kernel's 8
+    for n, (got, want) in enumerate(host_and_model_steps(model, prompts, steps=4, drop_after=1)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=f"step {n}")
+
+
+@pytest.mark.parametrize("overrides", [{"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+                                       {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 4}],
+                         ids=["dynamic rotary", "a sliding-window layer"])
+def test_llama_variants_the_host_step_does_not_compute_keep_their_own_layers(kernel, overrides):
+    assert not whole_step_on_host(adapted("llama", overrides=overrides))
 
 
 def test_a_prompt_of_one_token_starts_from_an_empty_cache(kernel):
