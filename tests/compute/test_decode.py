@@ -14,14 +14,6 @@ from mlx_dpo.compute.decode import MAX_ROWS, PackedEmbedding, PackedLinear, deco
 from tests.support import adapted_model
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    built, why = load_kernel()
-    if built is None:
-        pytest.skip(f"no kernel on this machine: {why}")
-    return built
-
-
 class Net(nn.Module):
     """Odd sizes (29 outputs: not a whole tile; 37 inputs), a bias, LoRA and DoRA, a tied head."""
 

@@ -13,19 +13,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlx_dpo.compute import decode, host_decode
 from mlx_dpo.compute.decode import HostStep, ModelStep, PackedLinear, decode_weights, whole_step_on_host
-from mlx_dpo.compute.kernel import Slots, load_kernel
+from mlx_dpo.compute.kernel import Slots
 from mlx_dpo.online.rollout import _prefill
 from tests.support import tiny_architecture
-
-HOST_FAMILIES = ("llama", "qwen2", "qwen3")
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    built, why = load_kernel()
-    if built is None:
-        pytest.skip(f"no kernel on this machine: {why}")
-    return built
 
 
 def adapted(family: str, dora: bool = False, overrides: dict | None = None):
