@@ -53,19 +53,16 @@ def _host(a: mx.array) -> np.ndarray:
 class _Packed(nn.Module):
     """Shared by both packed layers: few float32 rows through the kernel, others to the layer itself."""
 
-    def __init__(self, kernel: Kernel, packed: np.ndarray, n_out: int, threads: int, original: nn.Module):
+    def __init__(self, kernel: Kernel, weight: Packed, threads: int, original: nn.Module):
         super().__init__()
-        # Plain attributes, not children: neither is a parameter of the sampling model.
-        object.__setattr__(self, "_run", functools.partial(kernel.matmul, packed=packed, n_out=n_out, threads=threads))
+        # Plain attributes, not children: none is a parameter of the sampling model.
+        object.__setattr__(self, "weight_packed", weight)
+        object.__setattr__(self, "_run", functools.partial(kernel.matmul, packed=weight.matrix, n_out=weight.n_out, threads=threads))
         object.__setattr__(self, "_original", original)
 
     @staticmethod
     def _fits(x: mx.array) -> bool:
         return x.size // x.shape[-1] <= MAX_ROWS and x.dtype == mx.float32
-
-    def packed(self) -> Packed:
-        """The packed weight and the layer's bias, as ``host_decode`` takes them."""
-        return Packed(self._run.keywords["packed"], self._run.keywords["n_out"], _host(self["bias"]) if "bias" in self else None)
 
     def _project(self, x: mx.array) -> mx.array:
         mx.eval(x)
@@ -136,10 +133,11 @@ def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -
         at += matrix.size
         kernel.pack(_host(weight), (_host(lora[0]), _host(lora[1]), lora[2]) if lora else None, matrix, threads)
         kind = PackedEmbedding if isinstance(module, nn.Embedding) else PackedLinear
-        layer = kind(kernel, matrix, weight.shape[0], threads, module)
         base = module["linear"] if "lora_a" in module else module
-        if kind is PackedLinear and "bias" in base:
-            layer["bias"] = base["bias"]
+        bias = base["bias"] if kind is PackedLinear and "bias" in base else None
+        layer = kind(kernel, Packed(matrix, weight.shape[0], _host(bias) if bias is not None else None), threads, module)
+        if bias is not None:
+            layer["bias"] = bias
         packed.append((name, layer))
     return packed
 
@@ -210,5 +208,5 @@ def decode_weights(model: nn.Module, fast: bool, threads: int = 0, keep: Optiona
         return
     threads = threads or blas.get_threads() or 1
     packed = _packed_layers(model, kernel, threads, {} if keep is None else keep)
-    hm = host_model(model, {name: layer.packed() for name, layer in packed}, kernel, threads)
+    hm = host_model(model, {name: layer.weight_packed for name, layer in packed}, kernel, threads)
     yield functools.partial(_on_host_or_swapped, model, packed, hm)

@@ -177,7 +177,7 @@ def test_a_quantized_layer_keeps_the_whole_step_off_the_host(kernel):
 
 def test_the_layer_stack_and_the_step_refuse_sizes_that_do_not_fit(kernel):
     model = adapted("llama")
-    packed = {name: layer.packed() for name, layer in decode._packed_layers(model, kernel, 1, {})}
+    packed = {name: layer.weight_packed for name, layer in decode._packed_layers(model, kernel, 1, {})}
     hm = host_decode.host_model(model, packed, kernel, 1)
     stack, d = hm.stack, hm.stack.dims
     with pytest.raises(ValueError, match="do not fit"):
