@@ -36,18 +36,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .._platform import blas
-from .host_decode import HostCache, HostModel, can_run, host_cache, host_model, keep_rows
+from .host_decode import HostCache, HostModel, can_run, host_array, host_cache, host_model, keep_rows
 from .host_decode import step as host_step
 from .kernel import Kernel, Packed, load_kernel
 from .reference import adapters_merged, modules_replaced
 
 MAX_ROWS = 16  # more rows than this per call (a prefill, big batches): the model's own layer
 Decoding = Callable[[list, int], ContextManager]  # (batch cache, max new tokens) -> context giving the step
-
-
-def _host(a: mx.array) -> np.ndarray:
-    """A C-contiguous float32 NumPy view (or copy) of an evaluated array."""
-    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
 
 
 class _Packed(nn.Module):
@@ -66,7 +61,7 @@ class _Packed(nn.Module):
 
     def _project(self, x: mx.array) -> mx.array:
         mx.eval(x)
-        y = self._run(_host(x).reshape(-1, x.shape[-1]))
+        y = self._run(host_array(x).reshape(-1, x.shape[-1]))
         return mx.array(y).reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -131,11 +126,11 @@ def _packed_layers(model: nn.Module, kernel: Kernel, threads: int, keep: dict) -
         mx.eval(weight, list(lora[:2]) if lora else [])
         matrix = arena[at : at + int(np.prod(shape))].reshape(shape)
         at += matrix.size
-        kernel.pack(_host(weight), (_host(lora[0]), _host(lora[1]), lora[2]) if lora else None, matrix, threads)
+        kernel.pack(host_array(weight), (host_array(lora[0]), host_array(lora[1]), lora[2]) if lora else None, matrix, threads)
         kind = PackedEmbedding if isinstance(module, nn.Embedding) else PackedLinear
         base = module["linear"] if "lora_a" in module else module
         bias = base["bias"] if kind is PackedLinear and "bias" in base else None
-        layer = kind(kernel, Packed(matrix, weight.shape[0], _host(bias) if bias is not None else None), threads, module)
+        layer = kind(kernel, Packed(matrix, weight.shape[0], host_array(bias) if bias is not None else None), threads, module)
         if bias is not None:
             layer["bias"] = bias
         packed.append((name, layer))

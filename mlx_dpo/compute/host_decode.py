@@ -65,9 +65,10 @@ class HostCache:
     sin: np.ndarray
 
 
-def _host(a: mx.array) -> np.ndarray:
-    mx.eval(a)
-    return np.asarray(memoryview(a)) if a.dtype == mx.float32 else np.asarray(a.astype(mx.float32))
+def host_array(a: mx.array) -> np.ndarray:
+    """A C-contiguous float32 NumPy view of an array (evaluated first; a copy only where it is
+    another dtype or not contiguous): what the kernel's C code may read as it is."""
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32))
 
 
 def _module(root: nn.Module, dotted: str) -> Optional[nn.Module]:
@@ -108,12 +109,12 @@ def host_model(model: nn.Module, packed: dict[str, Packed], kernel: Kernel, thre
         return None
     inner = model.model
     weights = [[packed[f"model.layers.{i}.{p}"] for p in PROJECTIONS] for i in range(len(inner.layers))]
-    norms = [[_host(n.weight) if (n := _module(layer, name)) is not None else None for name in NORMS] for layer in inner.layers]
+    norms = [[host_array(n.weight) if (n := _module(layer, name)) is not None else None for name in NORMS] for layer in inner.layers]
     try:
         stack = kernel.stack(dims, weights, norms, threads)
     except ValueError:
         return None  # sizes the layout did not foresee: the model's own layers
-    return HostModel(_host(inner.embed_tokens.weight), stack, _host(inner.norm.weight),
+    return HostModel(host_array(inner.embed_tokens.weight), stack, host_array(inner.norm.weight),
                      packed.get("lm_head") or packed["model.embed_tokens"], inner.layers[0].self_attn.rope, kernel, threads)
 
 

@@ -61,6 +61,23 @@ class _Cache(ctypes.Structure):  # decode_kernel.c's Cache
                 ("start", ctypes.c_void_p), ("position", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
 
 
+def _buffers_fit(c: "Slots", shape: tuple) -> bool:
+    return (c.keys.shape == c.values.shape == shape and c.keys.dtype == c.values.dtype == np.float32
+            and c.keys.flags.c_contiguous and c.values.flags.c_contiguous)
+
+
+def _slots_fit(c: "Slots", rows: int, kv_heads: int, dim: int) -> bool:
+    """Whether the C code may read ``c`` for ``rows`` rows of ``kv_heads`` heads of ``dim``: the
+    buffers' shapes and layout, the slot inside them, and every start and position inside the
+    slots and the rotation tables."""
+    capacity = c.keys.shape[2]
+    return (_buffers_fit(c, (rows, kv_heads, capacity, dim)) and 0 <= c.slot < capacity
+            and c.start.shape == c.position.shape == (rows,) and c.cos.shape == c.sin.shape == (c.cos.shape[0], dim // 2)
+            and all(a.dtype == np.float32 and a.flags.c_contiguous for a in (c.cos, c.sin))
+            and int(c.position.min(initial=0)) >= 0 and int(c.position.max(initial=0)) < c.cos.shape[0]
+            and int(c.start.min(initial=0)) >= 0 and int(c.start.max(initial=0)) <= c.slot)
+
+
 def _pointers(arrays: list) -> ctypes.Array:
     return (ctypes.c_void_p * len(arrays))(*[a.ctypes.data if a is not None else None for a in arrays])
 
@@ -146,12 +163,8 @@ class Kernel:
         c = cache
         rows, heads, dim = q.shape
         kv_heads, capacity = c.keys.shape[1], c.keys.shape[2]
-        ok = (k.shape == v.shape == (rows, kv_heads, dim) and c.keys.shape == c.values.shape == (rows, kv_heads, capacity, dim)
-              and heads % kv_heads == 0 and dim % 2 == 0 and 0 <= c.slot < capacity and c.start.shape == c.position.shape == (rows,)
-              and c.cos.shape == c.sin.shape and c.cos.shape[1] == dim // 2 and int(c.position.max(initial=0)) < c.cos.shape[0]
-              and int(c.position.min(initial=0)) >= 0 and int(c.start.min(initial=0)) >= 0
-              and int(c.start.max(initial=0)) <= c.slot)
-        if not ok or not all(a.dtype == np.float32 and a.flags.c_contiguous for a in (c.keys, c.values, c.cos, c.sin)):
+        ok = k.shape == v.shape == (rows, kv_heads, dim) and heads % kv_heads == 0 and dim % 2 == 0
+        if not ok or not _slots_fit(c, rows, kv_heads, dim):
             raise ValueError(f"attend: shapes do not fit: q {q.shape}, k {k.shape}, v {v.shape}, cache {c.keys.shape}, slot {c.slot}")
         q, k, v = _f32(q), _f32(k), _f32(v)
         start, position = np.ascontiguousarray(c.start, np.int64), np.ascontiguousarray(c.position, np.int64)
@@ -187,22 +200,16 @@ class Kernel:
         rotation arrays, for every layer). Returns the stream after the last layer."""
         d, c0 = stack.dims, caches[0]
         rows, capacity = x.shape[0], c0.keys.shape[2]
-        shape = (rows, d.kv_heads, capacity, d.dim)
-        ok = (x.shape == (rows, d.hidden) and len(caches) == len(stack.weights) and 0 <= c0.slot < capacity
-              and all(c.keys.shape == c.values.shape == shape and c.keys.dtype == c.values.dtype == np.float32
-                      and c.keys.flags.c_contiguous and c.values.flags.c_contiguous and c.slot == c0.slot
-                      and all(getattr(c, f) is getattr(c0, f) for f in ("start", "position", "cos", "sin")) for c in caches)
-              and c0.start.shape == c0.position.shape == (rows,) and c0.cos.shape == c0.sin.shape == (c0.cos.shape[0], d.dim // 2)
-              and int(c0.position.max(initial=0)) < c0.cos.shape[0] and int(c0.position.min(initial=0)) >= 0
-              and int(c0.start.min(initial=0)) >= 0
-              and int(c0.start.max(initial=0)) <= c0.slot)
+        shared = ("start", "position", "cos", "sin")
+        ok = (x.shape == (rows, d.hidden) and len(caches) == len(stack.weights) and _slots_fit(c0, rows, d.kv_heads, d.dim)
+              and all(_buffers_fit(c, c0.keys.shape) and c.slot == c0.slot and all(getattr(c, f) is getattr(c0, f) for f in shared)
+                      for c in caches))
         if not ok:
             raise ValueError(f"decode_layers: shapes do not fit: x {x.shape}, cache {c0.keys.shape}, slot {c0.slot}")
         x = np.array(x, np.float32, order="C")  # a copy: updated in place
         start, position = np.ascontiguousarray(c0.start, np.int64), np.ascontiguousarray(c0.position, np.int64)
-        cos, sin = _f32(c0.cos), _f32(c0.sin)
         keys, values = _pointers([c.keys for c in caches]), _pointers([c.values for c in caches])
-        cache = _Cache(rows, capacity, c0.slot, keys, values, start.ctypes.data, position.ctypes.data, cos.ctypes.data, sin.ctypes.data)
+        cache = _Cache(rows, capacity, c0.slot, keys, values, start.ctypes.data, position.ctypes.data, c0.cos.ctypes.data, c0.sin.ctypes.data)
         if self.lib.decode_layers(ctypes.byref(stack.record), ctypes.byref(cache), x.ctypes.data):
             raise MemoryError("decode_layers: out of memory")
         return x
