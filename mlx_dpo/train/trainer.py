@@ -304,11 +304,27 @@ def _skip_nonfinite(metrics: dict, batch: dict, it: int, args: TrainingArgs, las
     return skipped + 1
 
 
-def _apply_grad_checkpoint(model: nn.Module) -> None:
-    """mlx-lm's ``grad_checkpoint`` patches the layer class: once, or every ``train()`` call would nest it."""
-    if not getattr(type(model.layers[0]), "_mlx_dpo_checkpointed", False):
-        grad_checkpoint(model.layers[0])
-        type(model.layers[0])._mlx_dpo_checkpointed = True
+@contextmanager
+def _checkpointed_layers(model: nn.Module, on: bool) -> Iterator[None]:
+    """Inside the block, the model's decoder layers run under ``mx.checkpoint`` (``on``). mlx-lm's
+    ``grad_checkpoint`` patches the layer *class*, so the class's own ``__call__`` is put back
+    after: a later run in the process (with prefix sharing, whose gradient through the prompt's
+    cache a checkpointed layer would stop) gets plain layers. Nested blocks patch once."""
+    cls = type(model.layers[0]) if on else None
+    if cls is None or cls.__dict__.get("_mlx_dpo_checkpointed"):
+        yield
+        return
+    own = cls.__dict__.get("__call__")
+    grad_checkpoint(model.layers[0])
+    cls._mlx_dpo_checkpointed = True
+    try:
+        yield
+    finally:
+        del cls._mlx_dpo_checkpointed
+        if own is None:
+            del cls.__call__
+        else:
+            cls.__call__ = own
 
 
 def train(
@@ -334,8 +350,6 @@ def train(
     save_unit = args.save_multiple or accum_steps
     if save_unit % accum_steps:
         raise ValueError("save_multiple must be a multiple of grad_accumulation_steps")
-    if args.grad_checkpoint:
-        _apply_grad_checkpoint(model)
     grad_step, update = _compiled_steps(model, optimizer, loss_fn, args)
 
     adapter_file = Path(args.adapter_file)
@@ -372,7 +386,7 @@ def train(
     model.train()
     bar = Progress(args.iters, "Training", initial=start_step, enabled=world.rank() == 0)
     say = bar.write
-    with _stop_signals() as stop, bar:
+    with _stop_signals() as stop, bar, _checkpointed_layers(model, args.grad_checkpoint):
         try:
             for it in range(start_step + 1, args.iters + 1):
                 if val_dataset and args.val_batches != 0 and (it == start_step + 1 or it % args.steps_per_eval == 0 or it == args.iters):

@@ -5,6 +5,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
@@ -64,3 +65,26 @@ def test_compile_and_grad_checkpoint_do_not_change_the_result(tiny_model_path, p
     b = trained_weights(tiny_model_path, batches, tmp_path, iters=3, **option)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=2e-6)
+
+
+def test_grad_checkpoint_leaves_the_layer_class_as_it_found_it(tiny_model_path, pairs, tmp_path):
+    """mlx-lm's grad_checkpoint patches the layer class; a run puts it back, so that a later run
+    in the process (with prefix sharing, say) does not inherit checkpointed layers."""
+    model, _ = load(str(tiny_model_path))
+    cls = type(model.layers[0])
+    before = cls.__call__
+    calls = []
+
+    class Watch(TrainingCallback):
+        def on_train_loss_report(self, info):
+            calls.append(cls.__call__)
+
+    mx.random.seed(0)
+    model.freeze()
+    linear_to_lora_layers(model, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    args = TrainingArgs(batch_size=4, iters=1, steps_per_report=1, steps_per_eval=100, val_batches=0,
+                        adapter_file=str(tmp_path / "a.safetensors"), grad_checkpoint=True)
+    train(model, optim.SGD(learning_rate=0.05), make_loss("dpo", make_reference(model), beta=0.1), [None], None,
+          fixed_batches([pad_batch(pairs[:4])]), args, training_callback=Watch())
+    assert calls and calls[0] is not before  # checkpointed during the run
+    assert cls.__call__ is before and "_mlx_dpo_checkpointed" not in cls.__dict__
