@@ -44,17 +44,22 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
 
     Gathering the target logit and subtracting the log-normaliser avoids
     materialising a full (B, L, V) log-softmax copy. Logits are upcast to
-    float32 so half-precision models still get accurate sums.
+    float32 so half-precision models still get accurate sums. On a CPU the log-normaliser is
+    ``logsumexp_parts``'s, whose one pass of ``exp`` also serves the backward (MLX's
+    ``logsumexp`` and its backward take two); it keeps that pass's (N, V) result alive until
+    the backward. Every log-prob of a run, the policy's and the reference's, goes through here,
+    so the two agree to the last bit where their weights do.
     """
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
+    if mx.default_device() == mx.cpu:
+        return picked - logsumexp_parts(logits)[0]
     return picked - mx.logsumexp(logits, axis=-1)
 
 
 def token_logps_entropy(logits: mx.array, targets: mx.array, with_entropy: bool) -> tuple[mx.array, Optional[mx.array]]:
     """``token_logps`` and, when asked, each position's entropy (no gradient) from the same
-    exponentials (``logsumexp_parts``: they stay alive for the backward, one more (N, V) array
-    than ``token_logps`` keeps, so only where the entropy is wanted too)."""
+    exponentials (``logsumexp_parts``, on any device: they stay alive for the backward)."""
     if not with_entropy:
         return token_logps(logits, targets), None
     logits = logits.astype(mx.float32)

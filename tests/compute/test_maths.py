@@ -163,3 +163,24 @@ def test_token_logps_entropy_and_their_gradient_match_float64_numpy(scale):
     onehot = np.eye(97)[t]
     np.testing.assert_allclose(np.array(grad), w[..., None] * (onehot - p), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(np.array(token_logps(logits, targets)), np.array(logps))
+
+
+def test_token_logps_on_a_cpu_and_their_gradient_match_float64_numpy():
+    """On a CPU ``token_logps`` takes its log-normaliser from ``logsumexp_parts`` (one pass of
+    exp for the value and the gradient): against float64 NumPy, and equal to MLX's own
+    ``logsumexp`` path to float32 rounding."""
+    rng = np.random.default_rng(5)
+    z = (rng.normal(size=(4, 6, 211)) * 8).astype(np.float32)
+    t = rng.integers(0, 211, size=(4, 6))
+    w = rng.normal(size=(4, 6))
+    logits, targets, weights = mx.array(z), mx.array(t.astype(np.int32)), mx.array(w.astype(np.float32))
+    assert mx.default_device() == mx.cpu
+    value, grad = mx.value_and_grad(lambda x: (token_logps(x, targets) * weights).sum())(logits)
+    z64 = z.astype(np.float64)
+    log_softmax = z64 - z64.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    want = np.take_along_axis(log_softmax, t[..., None], -1)[..., 0]
+    np.testing.assert_allclose(value.item(), (want * w).sum(), rtol=1e-5)
+    np.testing.assert_allclose(np.array(grad), w[..., None] * (np.eye(211)[t] - np.exp(log_softmax)), rtol=1e-4, atol=1e-6)
+    mlx_own = np.take_along_axis(z, t[..., None], -1)[..., 0] - np.array(mx.logsumexp(logits, axis=-1))
+    np.testing.assert_allclose(np.array(token_logps(logits, targets)), mlx_own, rtol=1e-6, atol=1e-5)
