@@ -47,8 +47,9 @@ def token_logps(logits: mx.array, targets: mx.array) -> mx.array:
     float32 so half-precision models still get accurate sums. On a CPU the log-normaliser is
     ``logsumexp_parts``'s, whose one pass of ``exp`` also serves the backward (MLX's
     ``logsumexp`` and its backward take two); it keeps that pass's (N, V) result alive until
-    the backward. Every log-prob of a run, the policy's and the reference's, goes through here,
-    so the two agree to the last bit where their weights do.
+    the backward. The policy's and the reference's log-probs both come from here (on a CPU,
+    GRPO's with their entropy from the same ``logsumexp_parts``), so they agree to the last bit
+    where their weights do.
     """
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1)
