@@ -143,6 +143,12 @@ def test_logits_from_is_no_later_than_any_response_target():
             assert first - start < multiple
 
 
+def numpy_log_softmax(z: np.ndarray) -> np.ndarray:
+    """float64 log-softmax over the last axis."""
+    z = z.astype(np.float64) - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
 @pytest.mark.parametrize("scale", [1.0, 40.0])  # 40: logits far from 0, where an unshifted exp overflows
 def test_token_logps_entropy_and_their_gradient_match_float64_numpy(scale):
     """One pass of exp (logps.logsumexp_parts) and a backward that reuses it: log-probs, entropies
@@ -154,9 +160,7 @@ def test_token_logps_entropy_and_their_gradient_match_float64_numpy(scale):
     logits, targets, weights = mx.array(z), mx.array(t.astype(np.int32)), mx.array(w.astype(np.float32))
     logps, entropy = token_logps_entropy(logits, targets, True)
     grad = mx.grad(lambda x: (token_logps_entropy(x, targets, True)[0] * weights).sum())(logits)
-    z64 = z.astype(np.float64)
-    log_softmax = z64 - z64.max(-1, keepdims=True)
-    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    log_softmax = numpy_log_softmax(z)
     p = np.exp(log_softmax)
     np.testing.assert_allclose(np.array(logps), np.take_along_axis(log_softmax, t[..., None], -1)[..., 0], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.array(entropy), -(p * log_softmax).sum(-1), rtol=1e-4, atol=1e-4)
@@ -176,9 +180,7 @@ def test_token_logps_on_a_cpu_and_their_gradient_match_float64_numpy():
     logits, targets, weights = mx.array(z), mx.array(t.astype(np.int32)), mx.array(w.astype(np.float32))
     assert mx.default_device() == mx.cpu
     value, grad = mx.value_and_grad(lambda x: (token_logps(x, targets) * weights).sum())(logits)
-    z64 = z.astype(np.float64)
-    log_softmax = z64 - z64.max(-1, keepdims=True)
-    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    log_softmax = numpy_log_softmax(z)
     want = np.take_along_axis(log_softmax, t[..., None], -1)[..., 0]
     np.testing.assert_allclose(value.item(), (want * w).sum(), rtol=1e-5)
     np.testing.assert_allclose(np.array(grad), w[..., None] * (np.eye(211)[t] - np.exp(log_softmax)), rtol=1e-4, atol=1e-6)

@@ -5,6 +5,7 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.models.llama import TransformerBlock
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
@@ -28,7 +29,7 @@ def fixed_batches(batches):
     return it
 
 
-def trained_weights(model_path, batches, tmp_path, **targs):
+def trained_weights(model_path, batches, tmp_path, callback=None, **targs):
     mx.random.seed(0)
     model, _ = load(str(model_path))
     model.freeze()
@@ -36,7 +37,7 @@ def trained_weights(model_path, batches, tmp_path, **targs):
     loss_fn = make_loss("dpo", make_reference(model), beta=0.1)
     args = TrainingArgs(batch_size=4, steps_per_report=100, steps_per_eval=100, val_batches=0,
                         adapter_file=str(tmp_path / "a.safetensors"), **targs)
-    train(model, optim.SGD(learning_rate=0.05), loss_fn, [None], None, fixed_batches(batches), args)
+    train(model, optim.SGD(learning_rate=0.05), loss_fn, [None], None, fixed_batches(batches), args, training_callback=callback)
     return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
 
 
@@ -70,21 +71,12 @@ def test_compile_and_grad_checkpoint_do_not_change_the_result(tiny_model_path, p
 def test_grad_checkpoint_leaves_the_layer_class_as_it_found_it(tiny_model_path, pairs, tmp_path):
     """mlx-lm's grad_checkpoint patches the layer class; a run puts it back, so that a later run
     in the process (with prefix sharing, say) does not inherit checkpointed layers."""
-    model, _ = load(str(tiny_model_path))
-    cls = type(model.layers[0])
-    before = cls.__call__
-    calls = []
+    before, calls = TransformerBlock.__call__, []
 
     class Watch(TrainingCallback):
         def on_train_loss_report(self, info):
-            calls.append(cls.__call__)
+            calls.append(TransformerBlock.__call__)
 
-    mx.random.seed(0)
-    model.freeze()
-    linear_to_lora_layers(model, -1, {"rank": 4, "scale": 10.0, "dropout": 0.0})
-    args = TrainingArgs(batch_size=4, iters=1, steps_per_report=1, steps_per_eval=100, val_batches=0,
-                        adapter_file=str(tmp_path / "a.safetensors"), grad_checkpoint=True)
-    train(model, optim.SGD(learning_rate=0.05), make_loss("dpo", make_reference(model), beta=0.1), [None], None,
-          fixed_batches([pad_batch(pairs[:4])]), args, training_callback=Watch())
+    trained_weights(tiny_model_path, [pad_batch(pairs[:4])], tmp_path, Watch(), iters=1, grad_checkpoint=True)
     assert calls and calls[0] is not before  # checkpointed during the run
-    assert cls.__call__ is before and "_mlx_dpo_checkpointed" not in cls.__dict__
+    assert TransformerBlock.__call__ is before and "_mlx_dpo_checkpointed" not in TransformerBlock.__dict__
