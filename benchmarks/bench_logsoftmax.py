@@ -1,11 +1,13 @@
-"""The vocabulary's log-softmax on MLX's CPU backend, and two facts that decide how it can be made cheaper.
+"""The vocabulary's log-softmax and the MLP's SiLU on MLX's CPU backend, and what makes them cheaper.
 
     python benchmarks/bench_logsoftmax.py [--rows 120] [--vocab 49152] [--repeats 9]
 
 Part 1 times, on (rows, vocab) float32 logits (a DPO step on SmolLM2 projects about 120-400
-response positions onto 49,152 tokens): MLX's ``exp`` and ``logsumexp``; the summed target
-log-probs with their gradient through MLX's ``logsumexp`` and through
-``mlx_dpo.compute.logps.logsumexp_parts`` (one pass of ``exp`` for both); and an ``exp`` built from
+response positions onto 49,152 tokens): MLX's ``exp``, ``mlx_dpo.compute.fastops.exp_shifted`` (a
+vectorised one, an MLX operation built from ``compute/fastops.cpp``) and MLX's ``logsumexp``; the
+summed target log-probs with their gradient through MLX's ``logsumexp`` and through
+``mlx_dpo.compute.logps.logsumexp_parts`` (one pass of ``exp`` for both, ``exp_shifted``'s where the
+extension builds); and an ``exp`` built from
 multiplies and adds (range reduction and a polynomial), compiled, once on plain arrays and once
 inside ``mx.value_and_grad``, where MLX runs a compiled function's graph uncompiled (its inputs
 are tracers).
@@ -15,6 +17,9 @@ log-probs of 4 random sequences of 160 tokens through ``--model`` (SmolLM2-135M-
 ``examples/real/run.py`` converts it), evaluated once at the end (as a training step is) and with
 an ``mx.eval`` of the logits inside the traced function, which a host computation of the
 log-softmax in the middle of the graph needs.
+
+Part 3 times SmolLM2's SwiGLU, ``silu(gate) * x`` on (``--rows`` x 4, 1536) float32, forward and
+with its gradient: MLX's ops (``mlx_lm.models.activations.swiglu``) against ``fastops.swiglu``.
 
 Medians of ``--repeats`` runs; one process, nothing else should be running.
 """
@@ -33,6 +38,9 @@ import numpy as np
 from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import load
 
+from mlx_lm.models.activations import swiglu as mlx_swiglu
+
+from mlx_dpo.compute import fastops
 from mlx_dpo.compute.logps import logsumexp_parts, split_head, token_logps
 
 LOG2E, LN2_HI, LN2_LO, ROUND = 1.4426950408889634, 0.693359375, -2.12194440e-4, 12582912.0
@@ -88,6 +96,7 @@ def part1(rows: int, vocab: int, repeats: int) -> None:
     error = float(np.max(np.abs(np.array(poly_exp(shifted), np.float64) - exact) / np.maximum(exact, 1e-30)))
     cases = [
         ("MLX exp", lambda: mx.exp(shifted)),
+        ("fastops.exp_shifted", lambda: fastops.exp_shifted(logits, logits.max(axis=-1))),
         ("MLX logsumexp (forward)", lambda: mx.logsumexp(logits, axis=-1)),
         ("log-probs + gradient, MLX logsumexp", lambda: mx.value_and_grad(own)(logits)),
         ("log-probs + gradient, logsumexp_parts", lambda: mx.value_and_grad(parts)(logits)),
@@ -122,6 +131,17 @@ def part2(model_path: str, rows: int, length: int) -> None:
         print(f"| {name} | {mx.get_peak_memory() / 1e9:.3f} |")
 
 
+def part3(rows: int, repeats: int) -> None:
+    rng = np.random.default_rng(2)
+    gate, x, d = (mx.array(rng.normal(size=(rows, 1536)).astype(np.float32) * 3) for _ in range(3))
+    mx.eval(gate, x, d)
+    cases = [(name, f, mx.grad(lambda g, u, f=f: (f(g, u) * d).sum(), argnums=(0, 1)))
+             for name, f in (("MLX ops", mlx_swiglu), ("fastops.swiglu", fastops.swiglu))]
+    print(f"\n| SwiGLU on ({rows}, 1536) float32 | forward ms | forward + gradient ms |\n|---|---|---|")
+    for name, f, grad in cases:
+        print(f"| {name} | {median_ms(lambda: f(gate, x), repeats):.2f} | {median_ms(lambda: grad(gate, x), repeats):.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=120)
@@ -130,7 +150,9 @@ def main() -> None:
     p.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "examples" / "real" / "work" / "smollm2-135m-instruct"))
     args = p.parse_args()
     mx.set_default_device(mx.cpu)
+    print(f"fastops: {fastops.extension()[1]}")
     part1(args.rows, args.vocab, args.repeats)
+    part3(4 * args.rows, args.repeats)
     part2(args.model, rows=4, length=160)
 
 

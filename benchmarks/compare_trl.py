@@ -27,7 +27,7 @@ converts it.
 
 ``--mlx-variants`` also trains mlx-dpo with other settings on the same pairs (``VARIANTS``: the
 plain path without prefix sharing or streams, the compiled step with and without shape
-bucketing) and prints how far each one's losses are from the default run's, step by step.
+bucketing, ``mlx-exp``: MLX's own SiLU and exp instead of ``compute/fastops.cpp``) and prints how far each one's losses are from the default run's, step by step.
 
 ``--methods grpo`` (``--methods dpo,grpo``: both) runs GRPO as the issue that asked for it set it
 up: 2 prompts x 4 completions a step, up to 32 new tokens, temperature 1, beta 0 (no reference
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -67,7 +68,10 @@ VARIANTS = {
     "compiled": {"compile": True, "cpu_streams": 1},
     "compiled-pad32": {"compile": True, "cpu_streams": 1, "pad_to_multiple": 32},
     "one-stream": {"cpu_streams": 1},
+    "mlx-exp": {},  # the default settings, with MLX's own SiLU and exp: VARIANT_ENV
 }
+# Variants that differ in the environment: MLX_DPO_CC=off builds no compute/fastops.cpp.
+VARIANT_ENV = {"mlx-exp": {"MLX_DPO_CC": "off"}}
 USE_CPU = [True]  # --device: TRL on the CPU, or on CUDA (mlx-dpo uses MLX's default device either way)
 LORA_KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -320,7 +324,8 @@ def run_mlx(model: str, data_dir: Path, steps: int, warmup: int, work: Path, var
     }
     path = work / "mlx.json"
     path.write_text(json.dumps(config))
-    done = subprocess.run([sys.executable, "-c", MLX_SCRIPT, str(path)], capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, **VARIANT_ENV.get(variant, {})}
+    done = subprocess.run([sys.executable, "-c", MLX_SCRIPT, str(path)], capture_output=True, text=True, cwd=ROOT, env=env)
     if done.returncode:
         raise SystemExit(f"mlx-dpo failed:\n{done.stderr[-3000:]}")
     rss = float(next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("PEAK_RSS_GB")))

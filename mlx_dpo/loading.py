@@ -23,6 +23,7 @@ from mlx_lm.utils import load
 from ._platform.progress import rank0_print
 from .export.peft import AdapterFormatError, from_peft
 from .compute.batching import padding_fraction
+from .compute.fastops import use_fast_mlps
 from .compute.reference import has_adapters
 from .compute.scores import HEAD, ScoreHeadError, add_score_head, load_head
 from .data import (
@@ -66,8 +67,13 @@ def resolve_dtype(args: types.SimpleNamespace) -> Optional[mx.Dtype]:
 
 
 def cast(model: Optional[nn.Module], dtype: Optional[mx.Dtype]) -> None:
+    """``model``'s floating parameters in ``dtype`` (quantized weights stay packed); on a CPU its
+    SwiGLU MLPs take ``fastops.swiglu``. The policy and a separate reference both come here, so
+    that they compute alike to the last bit."""
     if model is not None and dtype is not None:
-        model.set_dtype(dtype)  # floating parameters only: quantized weights stay packed
+        model.set_dtype(dtype)
+    if model is not None and mx.default_device() == mx.cpu:
+        use_fast_mlps(model)
 
 
 def load_sets(args: types.SimpleNamespace, method: Method, tokenizer) -> dict:

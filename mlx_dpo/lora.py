@@ -31,6 +31,7 @@ from . import methods
 from ._platform import blas
 from ._platform.files import atomic_write_json
 from ._platform.progress import rank0_print
+from .compute import fastops
 from .compute.batching import BatchSourceError, process_ranks
 from .compute.forward import Forward
 from .compute.logps import auto_chunk_size
@@ -135,7 +136,9 @@ def cpu_plan(args: types.SimpleNamespace, vocab_size: int) -> Iterator[Forward]:
         if on_cpu:
             each = f" (BLAS: {threads} thread{'s' if threads != 1 else ''}{' each' if n > 1 else ''})" if threads else ""
             where = f"each batch's rows split over {n} parallel streams" if n > 1 else "one stream"
-            rank0_print(f"[INFO] CPU: {where}{each}; training step {'compiled' if step else 'not compiled'}.")
+            fast, built = fastops.extension()
+            exp = f"vectorised ({built})" if fast is not None else f"MLX's, one element at a time ({built})"
+            rank0_print(f"[INFO] CPU: {where}{each}; training step {'compiled' if step else 'not compiled'}; SiLU and exp {exp}.")
         yield how
 
 

@@ -17,7 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Sequence
 
 from .blas import cache_dir, cpu_flags
 
@@ -39,19 +39,20 @@ def _flags(compiler: str, openmp: bool) -> list[str]:
     return ["-O3", arch, "-shared", "-fPIC"] + (["-fopenmp"] if openmp else [])
 
 
-def _identity(compiler: str) -> str:
+def compiler_identity(compiler: str) -> str:
     try:
         return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return compiler
 
 
-def _compile(compiler: str, flags: list[str], source: str, target: str) -> Optional[str]:
-    """Compile ``source`` into ``target`` (atomically); the compiler's first error line on failure."""
+def compile_library(compiler: str, flags: list[str], source: str, target: str, extra: Sequence[str] = ("-lm",)) -> Optional[str]:
+    """Compile ``source`` (and the ``extra`` inputs and libraries after it) into ``target``,
+    atomically; the compiler's first error line on failure."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *flags, source, "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *flags, source, *extra, "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode:
             lines = [x for x in done.stderr.splitlines() if "error" in x] or done.stderr.splitlines() or ["no output"]
             return lines[0].strip()
@@ -75,7 +76,7 @@ def build(source: str) -> tuple[Optional[ctypes.CDLL], str]:
         return None, "no private cache folder to keep the compiled kernel in"
     with open(source, "rb") as f:
         text = f.read()
-    identity = _identity(compiler)
+    identity = compiler_identity(compiler)
     why = ""
     for openmp in (True, False):  # Apple's clang has no OpenMP: one thread then
         flags = _flags(compiler, openmp)
@@ -83,7 +84,7 @@ def build(source: str) -> tuple[Optional[ctypes.CDLL], str]:
                                          " ".join(sorted(cpu_flags())).encode(), platform.machine().encode()])).hexdigest()
         target = os.path.join(folder, f"{os.path.splitext(os.path.basename(source))[0]}-{key[:16]}.so")
         if not os.path.exists(target):
-            why = _compile(compiler, flags, source, target) or ""
+            why = compile_library(compiler, flags, source, target) or ""
             if why:
                 continue
         try:

@@ -8,6 +8,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .fastops import exp_shifted
+
 # Families (mlx-lm 0.32) whose logits are the head (``lm_head``, or the tied embedding) applied to
 # the body's last hidden states, and what their forward does after the head: nothing, Gemma's
 # soft-capping (``tanh(z / c) * c``) or Granite's division by ``logits_scaling``. Only these are
@@ -27,9 +29,10 @@ def logsumexp_parts(z: mx.array) -> tuple[mx.array, mx.array, mx.array]:
     ``exp``. Only the logsumexp carries a gradient: its backward reuses the forward's
     exponentials (``softmax = e * exp(max - lse)``) where MLX's own would compute them again, and
     on a CPU ``exp`` is the slowest op of the vocabulary's log-softmax (BENCHMARKS.md). The other
-    two outputs are for metrics (the entropy) under ``stop_gradient``."""
+    two outputs are for metrics (the entropy) under ``stop_gradient``. On a CPU the ``exp`` is
+    ``fastops``' vectorised one."""
     top = z.max(axis=-1)
-    e = mx.exp(z - top[..., None])
+    e = exp_shifted(z, top)
     return top + mx.log(e.sum(axis=-1)), e, top
 
 

@@ -28,7 +28,7 @@ def test_built_once_in_a_private_folder_then_reused(tmp_path, cache_home, monkey
     built = list(cache_home.glob("twice-*.so"))
     assert len(built) == 1 and not os.stat(cache_home).st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     calls = []
-    monkeypatch.setattr(cc, "_compile", lambda *a: calls.append(a))
+    monkeypatch.setattr(cc, "compile_library", lambda *a: calls.append(a))
     assert cc.build(str(src))[0].twice(5) == 10 and calls == []  # the cached library, not a new build
     src.write_text(SOURCE.replace("2 * x", "3 * x"))  # an edited source builds afresh
     monkeypatch.undo()

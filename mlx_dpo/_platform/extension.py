@@ -1,0 +1,107 @@
+"""Build a C++ source shipped with the package into an MLX extension module, once per machine, and
+import it.
+
+Such a module defines MLX operations of its own (``compute/fastops.cpp``): it is compiled against
+the installed MLX's headers and ``libmlx.so`` and with ``nanobind`` in MLX's own domain, so that
+its functions take and return ``mx.array``. Like ``cc.build`` it is compiled for this CPU and kept
+in this user's private cache folder under a name that hashes everything the binary depends on
+(the source, the compiler, the flags, this CPU's flags, MLX's, nanobind's and Python's versions).
+A missing piece (a C++ compiler, Python's or MLX's headers, nanobind) or a failed build is an
+answer (``None`` and why), not an error: callers keep MLX's own operations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import sys
+import sysconfig
+from types import ModuleType
+import shutil
+from typing import Optional
+
+import mlx.core as mx
+
+from . import cc
+from .blas import cache_dir, cpu_flags
+
+try:
+    import nanobind
+except ImportError:  # an extension is optional: without nanobind, MLX's own operations serve
+    nanobind = None
+
+CXX_ENV = "CXX"
+
+
+def _cxx_compiler() -> Optional[str]:
+    """``$MLX_DPO_CC`` (``off``: none), ``$CXX``, else the first of c++, g++, clang++."""
+    choice = os.environ.get(cc.ENV) or os.environ.get(CXX_ENV) or ""
+    if choice.lower() == "off":
+        return None
+    for name in (choice, "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _inputs() -> tuple[Optional[list[str]], str]:
+    """The include paths, nanobind's source and MLX's library for the compiler, or ``(None, what
+    is missing)``."""
+    if nanobind is None:
+        return None, "nanobind is not installed (pip install nanobind)"
+    mlx_dir = os.path.dirname(mx.__file__)
+    python_include = sysconfig.get_paths()["include"]
+    needs = ((os.path.join(python_include, "Python.h"), "Python's headers (the python3-dev package)"),
+             (os.path.join(mlx_dir, "include", "mlx", "mlx.h"), "MLX's headers"),
+             (os.path.join(mlx_dir, "lib", "libmlx.so"), "MLX's libmlx.so"))
+    for path, what in needs:
+        if not os.path.exists(path):
+            return None, f"{what} not found at {path}"
+    robin_map = os.path.join(os.path.dirname(nanobind.source_dir()), "ext", "robin_map", "include")
+    lib = os.path.join(mlx_dir, "lib")
+    return [f"-I{nanobind.include_dir()}", f"-I{robin_map}", f"-I{os.path.join(mlx_dir, 'include')}",
+            f"-I{python_include}", os.path.join(nanobind.source_dir(), "nb_combined.cpp"),
+            f"-L{lib}", "-lmlx", f"-Wl,-rpath,{lib}"], ""
+
+
+def _flags() -> list[str]:
+    arch = "-mcpu=native" if platform.machine().lower() in ("arm64", "aarch64") else "-march=native"
+    # -fno-trapping-math lets GCC vectorise float rounding; it changes no result.
+    return ["-O3", arch, "-fno-trapping-math", "-std=c++20", "-shared", "-fPIC", "-fvisibility=hidden",
+            "-DNB_DOMAIN=mlx", "-DNDEBUG"]
+
+
+def build(source: str, name: str) -> tuple[Optional[ModuleType], str]:
+    """``(module, how it was built)`` for the C++ file ``source`` (whose ``NB_MODULE`` is
+    ``name``), or ``(None, why not)``."""
+    compiler = _cxx_compiler()
+    if compiler is None:
+        return None, f"no C++ compiler found (c++, g++ or clang++; ${cc.ENV} or ${CXX_ENV} names one)"
+    extra, why = _inputs()
+    if extra is None:
+        return None, why
+    try:
+        folder = cache_dir("kernels")
+    except OSError:
+        return None, "no private cache folder to keep the compiled module in"
+    with open(source, "rb") as f:
+        text = f.read()
+    flags = _flags()
+    parts = [text, cc.compiler_identity(compiler), " ".join(flags), " ".join(sorted(cpu_flags())), platform.machine(),
+             mx.__version__, nanobind.__version__, sys.version, " ".join(extra)]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()
+    target = os.path.join(folder, f"{name}-{key[:16]}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}")
+    if not os.path.exists(target):
+        why = cc.compile_library(compiler, flags, source, target, extra)
+        if why:
+            return None, f"the extension did not build: {why}"
+    try:
+        spec = importlib.util.spec_from_file_location(name, target, loader=importlib.machinery.ExtensionFileLoader(name, target))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError as e:
+        return None, f"the extension did not load: {e}"
+    return module, f"{os.path.basename(compiler)} {' '.join(flags[:3])}"
