@@ -109,6 +109,8 @@ def test_short_dpo_run_learns_and_writes_mlx_lm_adapters(tiny_model_path, tiny_d
     assert last["train_loss"] < first["train_loss"] - 0.05
     assert last["rewards/accuracies"] > first["rewards/accuracies"]
     assert rec.val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 0: policy == reference
+    if fine_tune_type == "full":  # a separate reference model computes as the policy does (loading.cast), to the bit
+        assert rec.val[0]["val_rewards/chosen"] == 0.0 and rec.val[0]["val_rewards/rejected"] == 0.0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "learning_rate", "tokens_per_second", "peak_memory"):
         assert key in last
 
