@@ -24,11 +24,12 @@ from .blas import cache_dir, cpu_flags
 ENV = "MLX_DPO_CC"  # the compiler to use, or "off" for none
 
 
-def _compiler() -> Optional[str]:
-    choice = os.environ.get(ENV) or os.environ.get("CC") or ""
-    if choice.lower() == "off":
+def find_compiler(variables: Sequence[str] = (ENV, "CC"), names: Sequence[str] = ("cc", "gcc", "clang")) -> Optional[str]:
+    """The compiler the first set environment variable of ``variables`` names, else the first of
+    ``names`` on the PATH; none where ``$MLX_DPO_CC`` is ``off``."""
+    if os.environ.get(ENV, "").lower() == "off":
         return None
-    for name in (choice, "cc", "gcc", "clang"):
+    for name in (*(os.environ.get(v, "") for v in variables), *names):
         if name and shutil.which(name):
             return shutil.which(name)
     return None
@@ -67,7 +68,7 @@ def compile_library(compiler: str, flags: list[str], source: str, target: str, e
 
 def build(source: str) -> tuple[Optional[ctypes.CDLL], str]:
     """``(library, how it was built)`` for the C file ``source``, or ``(None, why not)``."""
-    compiler = _compiler()
+    compiler = find_compiler()
     if compiler is None:
         return None, f"no C compiler found (cc, gcc or clang; ${ENV} names one)"
     try:

@@ -20,7 +20,6 @@ import platform
 import sys
 import sysconfig
 from types import ModuleType
-import shutil
 from typing import Optional
 
 import mlx.core as mx
@@ -34,17 +33,6 @@ except ImportError:  # an extension is optional: without nanobind, MLX's own ope
     nanobind = None
 
 CXX_ENV = "CXX"
-
-
-def _cxx_compiler() -> Optional[str]:
-    """``$MLX_DPO_CC`` (``off``: none), ``$CXX``, else the first of c++, g++, clang++."""
-    choice = os.environ.get(cc.ENV) or os.environ.get(CXX_ENV) or ""
-    if choice.lower() == "off":
-        return None
-    for name in (choice, "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
 
 
 def _inputs() -> tuple[Optional[list[str]], str]:
@@ -77,9 +65,9 @@ def _flags() -> list[str]:
 def build(source: str, name: str) -> tuple[Optional[ModuleType], str]:
     """``(module, how it was built)`` for the C++ file ``source`` (whose ``NB_MODULE`` is
     ``name``), or ``(None, why not)``."""
-    compiler = _cxx_compiler()
+    compiler = cc.find_compiler((CXX_ENV,), ("c++", "g++", "clang++"))
     if compiler is None:
-        return None, f"no C++ compiler found (c++, g++ or clang++; ${cc.ENV} or ${CXX_ENV} names one)"
+        return None, f"no C++ compiler found (c++, g++ or clang++ on the PATH, or ${CXX_ENV}; none with ${cc.ENV}=off)"
     extra, why = _inputs()
     if extra is None:
         return None, why

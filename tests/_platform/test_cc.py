@@ -15,7 +15,7 @@ SOURCE = "int twice(int x) { return 2 * x; }\n"
 def cache_home(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(cc.ENV, raising=False)
-    if cc._compiler() is None:
+    if cc.find_compiler() is None:
         pytest.skip("no C compiler on this machine")
     return tmp_path / "cache" / "mlx_dpo" / "kernels"
 
