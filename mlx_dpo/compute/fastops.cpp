@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 
 #include <nanobind/nanobind.h>
@@ -24,11 +25,15 @@ using namespace mlx::core;
 
 namespace {
 
-// exp(y) for y <= 0: y = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so that n ln2 is
-// exact), a polynomial for exp(r), times 2^n from the exponent bits. Below -87 (where the
-// result leaves the normal floats and MLX's exp gives denormals) it returns 0; NaN stays NaN.
+// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so that n ln2 is
+// exact), a polynomial for exp(r), times 2^n from the exponent bits. Below kLowest the result
+// would be subnormal (MLX's exp gives those): it returns 0 there, and -inf gives 0. Outside its
+// domain (x > 0, NaN) it returns NaN. The clamp keeps y finite, so the float-to-int conversion
+// below is always defined.
+constexpr float kLowest = -87.33654f;  // log(FLT_MIN)
+
 inline float exp_nonpositive(float x) {
-  const float y = x < -87.0f ? -87.0f : x;
+  const float y = x >= kLowest ? (x <= 0.0f ? x : 0.0f) : kLowest;
   const float n = std::floor(y * 1.44269504088896341f + 0.5f);
   const float r = (y - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -41,7 +46,7 @@ inline float exp_nonpositive(float x) {
   int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return x < -87.0f ? 0.0f : p * scale;
+  return x <= 0.0f ? (x >= kLowest ? p * scale : 0.0f) : std::numeric_limits<float>::quiet_NaN();
 }
 
 // 1 / (1 + exp(-g)) from exp(-|g|), which cannot overflow.
@@ -123,7 +128,8 @@ class SwiGLU : public CpuOnly {
   }
   std::vector<array> vjp(const std::vector<array>& primals, const std::vector<array>& cotangents,
                          const std::vector<int>& argnums, const std::vector<array>&) override {
-    auto d = contiguous(cotangents[0], false, stream());
+    // The kernel reads float32: a custom_function's vjp may hand back another type.
+    auto d = contiguous(astype(cotangents[0], float32, stream()), false, stream());
     auto grads = array::make_arrays({primals[0].shape(), primals[0].shape()}, {float32, float32},
                                     std::make_shared<SwiGLUGrad>(stream()), {primals[0], primals[1], d});
     std::vector<array> picked;
@@ -140,6 +146,7 @@ class ExpShifted : public CpuOnly {
   void eval_cpu(const std::vector<array>& in, std::vector<array>& out) override {
     dispatch(stream(), in, out, [](std::vector<array>& i, std::vector<array>& o) {
       const size_t width = i[0].shape(-1);
+      if (width == 0) return;
       exp_shifted_rows(i[0].data<float>(), i[1].data<float>(), o[0].data<float>(), i[0].size() / width, width);
     });
   }
@@ -160,7 +167,8 @@ array swiglu(const array& gate, const array& x, StreamOrDevice s) {
 
 array exp_shifted(const array& z, const array& top, StreamOrDevice s) {
   check(z, top, "exp_shifted");
-  if (z.ndim() < 1 || top.size() * z.shape(-1) != z.size()) throw std::invalid_argument("exp_shifted: top must have one value a row of z");
+  if (z.ndim() < 1 || top.shape() != Shape(z.shape().begin(), z.shape().end() - 1))
+    throw std::invalid_argument("exp_shifted: top must have one value a row of z (z's shape without its last axis)");
   auto stream = to_stream(s);
   return array(z.shape(), float32, std::make_shared<ExpShifted>(stream),
                {contiguous(z, false, stream), contiguous(top, false, stream)});

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from types import ModuleType
 from typing import Optional
 
@@ -87,7 +86,7 @@ def _is_swiglu_mlp(cls: type) -> bool:
     call, model = getattr(cls.__call__, "__code__", None), llama.MLP.__call__.__code__
     if call is None or (call.co_code, call.co_names, call.co_varnames) != (model.co_code, model.co_names, model.co_varnames):
         return False
-    return getattr(sys.modules.get(cls.__module__), "swiglu", None) is activations.swiglu
+    return cls.__call__.__globals__.get("swiglu") is activations.swiglu  # the name __call__ looks up
 
 
 @functools.cache

@@ -38,7 +38,27 @@ def test_swiglu_and_its_gradient_are_float64_numpy(fast):
     dg, dx = mx.grad(lambda a, b: (fastops.swiglu(a, b) * mx.array(d)).sum(), argnums=(0, 1))(mx.array(g), mx.array(x))
     np.testing.assert_allclose(np.array(dx), d64 * g64 * s, rtol=2e-6, atol=1e-30)
     np.testing.assert_allclose(np.array(dg), d64 * x64 * s * (1 + g64 * (1 - s)), rtol=2e-5, atol=1e-6)
-    assert fastops.swiglu(mx.array(g), mx.array(x)).dtype == mx.float32
+    dx_alone = mx.grad(lambda b: (fastops.swiglu(mx.array(g), b) * mx.array(d)).sum())(mx.array(x))
+    assert mx.array_equal(dx_alone, dx)
+
+
+def test_swiglus_gradient_takes_a_half_precision_cotangent(fast):
+    """A custom_function's vjp may return float16 (MLX's own top-level vjp casts, this does not)."""
+    g, x = (mx.array(a) for a in _values((3, 40), seed=5))
+
+    @mx.custom_function
+    def halve(a):
+        return a
+
+    @halve.vjp
+    def _(primals, cotangent, output):
+        return (cotangent.astype(mx.float16),)
+
+    def loss(f):
+        return lambda a: (halve(f(a, x)) * 3.0).sum()
+
+    got, want = mx.grad(loss(fastops.swiglu))(g), mx.grad(loss(lambda a, b: nn.silu(a) * b))(g)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-6)
 
 
 def test_swiglu_reads_strided_inputs_and_runs_on_any_cpu_stream(fast):
@@ -61,6 +81,16 @@ def test_exp_shifted_is_float64_numpy_and_zero_past_float32s_range(fast):
     assert out[0, 0] == 0 and out[0, 1] == 0 and np.isnan(out[1, 0])
     with pytest.raises(ValueError, match="one value a row"):
         fast.exp_shifted(mx.array(z), mx.array(top[:2]))
+    with pytest.raises(ValueError, match="one value a row"):  # as many values, the wrong shape
+        fast.exp_shifted(mx.zeros((2, 3, 4)), mx.zeros((3, 2)))
+    assert fastops.exp_shifted(mx.zeros((3, 0)), mx.zeros((3,))).shape == (3, 0)
+
+
+def test_exp_shifted_gives_nan_outside_its_domain_and_subnormals_as_zero(fast):
+    z = mx.array([[-87.4, -87.3, -30.0, 1e-3, 5.0, 100.0, 0.0]])
+    out = np.array(fast.exp_shifted(z, mx.zeros((1,))))
+    assert out[0, 0] == 0 and out[0, 1] == pytest.approx(np.exp(-87.3), rel=1e-6)
+    assert np.isnan(out[0, 3:6]).all() and out[0, 6] == 1 and out[0, 2] == pytest.approx(np.exp(-30.0), rel=1e-6)
 
 
 def test_off_the_fast_path_each_function_is_mlxs_own(fast):
@@ -93,6 +123,34 @@ def test_use_fast_mlps_switches_swiglu_mlps_once_and_keeps_their_output(fast):
     assert isinstance(mlp, llama.MLP) and type(mlp).__call__ is not llama.MLP.__call__
     np.testing.assert_allclose(np.array(model(tokens)), np.array(before), rtol=1e-5, atol=1e-5)
     assert [k for k, _ in tree_flatten(model.parameters())] == names  # weights and adapters load as before
+
+
+def test_an_mlp_whose_call_finds_another_swiglu_is_left_as_it_is():
+    namespace = {"swiglu": lambda gate, x: gate * x}
+    exec(compile("def __call__(self, x):\n    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))\n",
+                 llama.__file__, "exec"), namespace)
+    assert namespace["__call__"].__code__.co_code == llama.MLP.__call__.__code__.co_code
+    other = type("MLP", (llama.MLP,), {"__call__": namespace["__call__"], "__module__": llama.__name__})
+    model = _llama()
+    model.layers[0].mlp.__class__ = other
+    assert fastops.use_fast_mlps(model) == 1 and type(model.layers[0].mlp) is other
+
+
+def test_an_extension_whose_results_differ_from_mlxs_is_not_used(monkeypatch, fast):
+    class Wrong:
+        def swiglu(self, gate, x):
+            return fast.swiglu(gate, x) * 1.01
+
+        def exp_shifted(self, z, top):
+            return fast.exp_shifted(z, top)
+
+    monkeypatch.setattr(fastops.build_extension, "build", lambda *a: (Wrong(), "built"))
+    fastops.extension.cache_clear()
+    try:
+        module, why = fastops.extension()
+        assert module is None and "differ from MLX's" in why
+    finally:
+        fastops.extension.cache_clear()
 
 
 def test_mlps_of_another_shape_are_left_as_they_are():
