@@ -66,28 +66,39 @@ def compile_library(compiler: str, flags: list[str], source: str, target: str, e
             os.unlink(tmp)
 
 
+def cached_build(compiler: str, flags: list[str], source: str, name: str, suffix: str = ".so",
+                 extra: Sequence[str] = ("-lm",), inputs: Sequence[str] = ()) -> tuple[Optional[str], str]:
+    """``(path, "")`` of ``source`` compiled into the private cache folder, built now unless a
+    build of the same inputs is there (its name hashes the source, the compiler's identity, the
+    flags, ``extra``, this CPU's flags and ``inputs``, what else the binary depends on), or
+    ``(None, why not)``."""
+    try:
+        folder = cache_dir("kernels")
+    except OSError:
+        return None, "no private cache folder to keep the compiled library in"
+    with open(source, "rb") as f:
+        parts = [f.read()] + [p.encode() for p in (compiler_identity(compiler), " ".join(flags), " ".join(extra),
+                                                     " ".join(sorted(cpu_flags())), platform.machine(), *inputs)]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()
+    target = os.path.join(folder, f"{name}-{key[:16]}{suffix}")
+    if not os.path.exists(target):
+        why = compile_library(compiler, flags, source, target, extra)
+        if why:
+            return None, why
+    return target, ""
+
+
 def build(source: str) -> tuple[Optional[ctypes.CDLL], str]:
     """``(library, how it was built)`` for the C file ``source``, or ``(None, why not)``."""
     compiler = find_compiler()
     if compiler is None:
         return None, f"no C compiler found (cc, gcc or clang; ${ENV} names one)"
-    try:
-        folder = cache_dir("kernels")
-    except OSError:
-        return None, "no private cache folder to keep the compiled kernel in"
-    with open(source, "rb") as f:
-        text = f.read()
-    identity = compiler_identity(compiler)
     why = ""
     for openmp in (True, False):  # Apple's clang has no OpenMP: one thread then
         flags = _flags(compiler, openmp)
-        key = hashlib.sha256(b"\0".join([text, identity.encode(), " ".join(flags).encode(),
-                                         " ".join(sorted(cpu_flags())).encode(), platform.machine().encode()])).hexdigest()
-        target = os.path.join(folder, f"{os.path.splitext(os.path.basename(source))[0]}-{key[:16]}.so")
-        if not os.path.exists(target):
-            why = compile_library(compiler, flags, source, target) or ""
-            if why:
-                continue
+        target, why = cached_build(compiler, flags, source, os.path.splitext(os.path.basename(source))[0])
+        if target is None:
+            continue
         try:
             lib = ctypes.CDLL(target)
         except OSError as e:

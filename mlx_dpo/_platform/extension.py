@@ -12,7 +12,6 @@ answer (``None`` and why), not an error: callers keep MLX's own operations.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.machinery
 import importlib.util
 import os
@@ -25,7 +24,6 @@ from typing import Optional
 import mlx.core as mx
 
 from . import cc
-from .blas import cache_dir, cpu_flags
 
 try:
     import nanobind
@@ -73,21 +71,11 @@ def build(source: str, name: str) -> tuple[Optional[ModuleType], str]:
     extra, why = _inputs()
     if extra is None:
         return None, why
-    try:
-        folder = cache_dir("kernels")
-    except OSError:
-        return None, "no private cache folder to keep the compiled module in"
-    with open(source, "rb") as f:
-        text = f.read()
     flags = _flags()
-    parts = [text, cc.compiler_identity(compiler), " ".join(flags), " ".join(sorted(cpu_flags())), platform.machine(),
-             mx.__version__, nanobind.__version__, sys.version, " ".join(extra)]
-    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts)).hexdigest()
-    target = os.path.join(folder, f"{name}-{key[:16]}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}")
-    if not os.path.exists(target):
-        why = cc.compile_library(compiler, flags, source, target, extra)
-        if why:
-            return None, f"the extension did not build: {why}"
+    target, why = cc.cached_build(compiler, flags, source, name, sysconfig.get_config_var("EXT_SUFFIX") or ".so", extra,
+                                  (mx.__version__, nanobind.__version__, sys.version))
+    if target is None:
+        return None, f"the extension did not build: {why}"
     try:
         spec = importlib.util.spec_from_file_location(name, target, loader=importlib.machinery.ExtensionFileLoader(name, target))
         module = importlib.util.module_from_spec(spec)
